@@ -1,0 +1,42 @@
+"""Pre-norm residual block: x <- x + Mixer(RMSNorm(x)), the mixer chosen by the layer-pattern character."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from nemotron_jax.config import LAYER_TYPES, ModelConfig
+from nemotron_jax.layers.attention import Attention
+from nemotron_jax.layers.mamba2 import Mamba2Mixer
+from nemotron_jax.layers.mlp import MLP
+from nemotron_jax.layers.norms import RMSNorm
+
+
+def make_mixer(cfg: ModelConfig, char: str, *, rngs: nnx.Rngs, layer_idx: int):
+    kind = LAYER_TYPES[char]
+    if kind == "mamba":
+        return Mamba2Mixer(cfg, rngs=rngs)
+    if kind == "attention":
+        return Attention(cfg, rngs=rngs)
+    if kind == "mlp":
+        return MLP(cfg, rngs=rngs)
+    from nemotron_jax.layers.moe import MoE  # noqa: PLC0415  (MoE pulls in the dispatch ops)
+    return MoE(cfg, rngs=rngs, layer_idx=layer_idx)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, char: str, *, rngs: nnx.Rngs, layer_idx: int):
+        self.kind = LAYER_TYPES[char]
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.mixer = make_mixer(cfg, char, rngs=rngs, layer_idx=layer_idx)
+
+    def __call__(self, x_btd: jax.Array, *, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        h = self.norm(x_btd)
+        aux = None
+        if self.kind == "moe":
+            y, aux = self.mixer(h)
+        elif self.kind == "mlp":
+            y = self.mixer(h)
+        else:
+            y = self.mixer(h, segment_ids=segment_ids)
+        return x_btd + y.astype(x_btd.dtype), aux

@@ -1,0 +1,160 @@
+"""The Mamba-2 mixer of Nemotron 3 ('M' layers), spec section 2.
+
+in_proj -> split [z | x | B | C | dt] -> causal depthwise conv1d (+bias) on xBC -> SiLU -> SSD scan
+-> + D*x -> gated grouped RMSNorm with z -> out_proj. Also a prefill that returns decode caches and a
+one-token step, so generation can run the recurrence token by token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemotron_jax.config import ModelConfig
+from nemotron_jax.layers.common import Linear, dtype_of, param
+from nemotron_jax.layers.mlp import out_proj_std
+from nemotron_jax.layers.norms import GatedGroupRMSNorm
+from nemotron_jax.ops.ssd import ssd
+
+
+class MambaCache(NamedTuple):
+    conv_state: jax.Array  # [b, conv_dim, k]: the last k conv inputs (pre-activation x, B, C), oldest first
+    ssm_state: jax.Array  # [b, h, p, n] fp32
+
+
+def causal_conv1d(x_btc: jax.Array, w_kc: jax.Array, b_c: jax.Array | None,
+                  segment_ids_bt: jax.Array | None = None, history_bkc: jax.Array | None = None) -> jax.Array:
+    """Depthwise causal conv: y[t] = sum_j w[j] * x[t - (k-1) + j] + b, taps from other documents zeroed.
+
+    `history_bkc` holds the k-1 inputs before x (zeros when absent, i.e. the sequence start).
+    """
+    k = w_kc.shape[0]
+    bsz, t, c = x_btc.shape
+    if history_bkc is None:
+        history_bkc = jnp.zeros((bsz, k - 1, c), x_btc.dtype)
+    xp = jnp.concatenate([history_bkc.astype(x_btc.dtype), x_btc], axis=1)  # [b, t+k-1, c]
+    if segment_ids_bt is not None:
+        seg_p = jnp.concatenate([jnp.full((bsz, k - 1), -1, segment_ids_bt.dtype), segment_ids_bt], axis=1)
+    y = jnp.zeros((bsz, t, c), jnp.float32)
+    for j in range(k):
+        tap = xp[:, j:j + t].astype(jnp.float32)
+        if segment_ids_bt is not None:
+            tap = jnp.where((seg_p[:, j:j + t] == segment_ids_bt)[..., None], tap, 0.0)
+        y = y + tap * w_kc[j].astype(jnp.float32)
+    if b_c is not None:
+        y = y + b_c.astype(jnp.float32)
+    return y.astype(x_btc.dtype)
+
+
+def _init_a_log(key, h):
+    # Megatron: A ~ U[1, 16], A_log = log(A).
+    return jnp.log(jax.random.uniform(key, (h,), jnp.float32, 1.0, 16.0))
+
+
+def _init_dt_bias(key, h, dt_min, dt_max, dt_floor):
+    # dt = exp(U[log dt_min, log dt_max]) clamped >= floor; dt_bias = softplus^-1(dt) so softplus(dt_bias) = dt.
+    u = jax.random.uniform(key, (h,), jnp.float32)
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = jnp.maximum(dt, dt_floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class Mamba2Mixer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h, p, g, n, k = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+        self.d_inner, self.conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
+        pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
+        self.dtype = cdt
+        self.in_proj = Linear(cfg.hidden_size, cfg.mamba_in_proj_dim, axes=("embed", "mamba_in"), rngs=rngs,
+                              std=cfg.initializer_range, use_bias=cfg.mamba_proj_bias, dtype=cdt, param_dtype=pdt)
+        # torch Conv1d default init: U(+-1/sqrt(fan_in)), fan_in = k for a depthwise conv.
+        bound = 1.0 / math.sqrt(k)
+        self.conv_weight = param(jax.random.uniform(rngs.params(), (k, self.conv_dim), pdt, -bound, bound),
+                                 ("conv_kernel", "mamba_conv"))
+        self.conv_bias = (param(jax.random.uniform(rngs.params(), (self.conv_dim,), pdt, -bound, bound), ("mamba_conv",))
+                          if cfg.use_conv_bias else None)
+        self.dt_bias = param(_init_dt_bias(rngs.params(), h, cfg.time_step_min, cfg.time_step_max,
+                                           cfg.time_step_floor).astype(pdt), ("mamba_heads",))
+        self.A_log = param(_init_a_log(rngs.params(), h).astype(pdt), ("mamba_heads",))
+        self.D = param(jnp.ones((h,), pdt), ("mamba_heads",))
+        self.norm = GatedGroupRMSNorm(self.d_inner, groups=g, eps=cfg.layer_norm_epsilon, param_dtype=pdt)
+        self.out_proj = Linear(self.d_inner, cfg.hidden_size, axes=("mamba_inner", "embed"), rngs=rngs,
+                               std=out_proj_std(cfg), use_bias=cfg.mamba_proj_bias, dtype=cdt, param_dtype=pdt)
+
+    # -- pieces shared by the full-sequence path and the decode step
+    def _split_in(self, zxbcdt):
+        di, gn = self.d_inner, self.cfg.n_groups * self.cfg.ssm_state_size
+        z, xbc, dt = jnp.split(zxbcdt, [di, 2 * di + 2 * gn], axis=-1)
+        return z, xbc, dt
+
+    def _split_xbc(self, xbc):
+        c = self.cfg
+        di, gn = self.d_inner, c.n_groups * c.ssm_state_size
+        x, b, cc = jnp.split(xbc, [di, di + gn], axis=-1)
+        lead = x.shape[:-1]
+        return (x.reshape(*lead, c.mamba_num_heads, c.mamba_head_dim),
+                b.reshape(*lead, c.n_groups, c.ssm_state_size), cc.reshape(*lead, c.n_groups, c.ssm_state_size))
+
+    def _dt(self, dt_raw):
+        dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        lo, hi = self.cfg.time_step_limit
+        if lo > 0.0 or math.isfinite(hi):
+            dt = jnp.clip(dt, lo, hi)
+        return dt
+
+    def _A(self):
+        return -jnp.exp(self.A_log[...].astype(jnp.float32))
+
+    def _finish(self, y_bthp, x_bthp, z):
+        y = y_bthp.astype(jnp.float32) + x_bthp.astype(jnp.float32) * self.D[...].astype(jnp.float32)[:, None]
+        y = y.reshape(*y.shape[:-2], self.d_inner).astype(self.dtype)
+        return self.out_proj(self.norm(y, z))
+
+    def __call__(self, u_btd: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.prefill(u_btd, segment_ids=segment_ids, return_cache=False)
+
+    def prefill(self, u_btd: jax.Array, *, segment_ids: jax.Array | None = None, return_cache: bool = True):
+        """Full-sequence forward; with return_cache, also the MambaCache after the last token."""
+        z, xbc_raw, dt_raw = self._split_in(self.in_proj(u_btd))
+        conv_b = self.conv_bias[...] if self.conv_bias is not None else None
+        xbc = jax.nn.silu(causal_conv1d(xbc_raw, self.conv_weight[...], conv_b, segment_ids).astype(jnp.float32))
+        x, b, c = self._split_xbc(xbc.astype(self.dtype))
+        dt = self._dt(dt_raw)
+        out = ssd(x, dt, self._A(), b, c, chunk_size=self.cfg.chunk_size, segment_ids=segment_ids,
+                  return_final_state=return_cache, impl=self.cfg.ssd_impl)
+        y, state = out if return_cache else (out, None)
+        o = self._finish(y, x, z)
+        if not return_cache:
+            return o
+        k = self.cfg.conv_kernel
+        pad = jnp.zeros((xbc_raw.shape[0], k, self.conv_dim), xbc_raw.dtype)
+        tail = jnp.concatenate([pad, xbc_raw], axis=1)[:, -k:]  # [b, k, conv_dim]
+        return o, MambaCache(jnp.swapaxes(tail, 1, 2), state.astype(jnp.float32))
+
+    def init_cache(self, batch: int) -> MambaCache:
+        c = self.cfg
+        return MambaCache(jnp.zeros((batch, self.conv_dim, c.conv_kernel), self.dtype),
+                          jnp.zeros((batch, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size), jnp.float32))
+
+    def step(self, u_bd: jax.Array, cache: MambaCache) -> tuple[jax.Array, MambaCache]:
+        """One token [b, d] -> output [b, d] and the updated cache (the SSD recurrence, one step)."""
+        z, xbc_raw, dt_raw = self._split_in(self.in_proj(u_bd))
+        conv_state = jnp.concatenate([cache.conv_state[:, :, 1:], xbc_raw[:, :, None].astype(cache.conv_state.dtype)],
+                                     axis=-1)  # [b, conv_dim, k]
+        conv = jnp.einsum("bck,kc->bc", conv_state.astype(jnp.float32), self.conv_weight[...].astype(jnp.float32))
+        if self.conv_bias is not None:
+            conv = conv + self.conv_bias[...].astype(jnp.float32)
+        x, b, c = self._split_xbc(jax.nn.silu(conv).astype(self.dtype))  # [b,h,p], [b,g,n], [b,g,n]
+        dt = self._dt(dt_raw)  # [b, h]
+        rep = self.cfg.mamba_num_heads // self.cfg.n_groups
+        b_h = jnp.repeat(b.astype(jnp.float32), rep, axis=1)  # [b, h, n]
+        c_h = jnp.repeat(c.astype(jnp.float32), rep, axis=1)
+        decay = jnp.exp(dt * self._A())[:, :, None, None]
+        s = decay * cache.ssm_state + (dt[:, :, None] * x.astype(jnp.float32))[..., None] * b_h[:, :, None, :]
+        y = jnp.einsum("bhpn,bhn->bhp", s, c_h)
+        return self._finish(y, x, z), MambaCache(conv_state, s)

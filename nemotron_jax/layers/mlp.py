@@ -1,0 +1,34 @@
+"""The dense squared-ReLU MLP ('-' layers; also the shape of every expert): down(relu(up(x))^2), no gate."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemotron_jax.config import ModelConfig
+from nemotron_jax.layers.common import Linear, dtype_of
+
+
+def relu2(x: jax.Array) -> jax.Array:
+    return jnp.square(jax.nn.relu(x))
+
+
+def out_proj_std(cfg: ModelConfig) -> float:
+    """Init std of a projection that writes into the residual stream (GPT-2 style 1/sqrt(2L) scaling)."""
+    if cfg.rescale_prenorm_residual:
+        return cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
+    return cfg.initializer_range
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, intermediate_size: int | None = None):
+        m = intermediate_size or cfg.intermediate_size
+        kw = dict(rngs=rngs, use_bias=cfg.mlp_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        self.up_proj = Linear(cfg.hidden_size, m, axes=("embed", "mlp"), std=cfg.initializer_range, **kw)
+        self.down_proj = Linear(m, cfg.hidden_size, axes=("mlp", "embed"), std=out_proj_std(cfg), **kw)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        return self.down_proj(relu2(self.up_proj(x_btd)))

@@ -1,0 +1,40 @@
+"""Multi-token prediction (spec section 3): one shared-weight block applied at every depth.
+
+u = eh_proj([enorm(Emb(t_{i+k})), hnorm(h^{k-1}_i)])  (embedding first), then the blocks of
+mtp_hybrid_override_pattern ('*E' for Nemotron 3), then final_layernorm -> h^k; logits_k = lm_head(h^k).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemotron_jax.config import ModelConfig
+from nemotron_jax.layers.blocks import Block
+from nemotron_jax.layers.common import Linear, dtype_of
+from nemotron_jax.layers.norms import RMSNorm
+
+
+class MTPBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, eps = cfg.hidden_size, cfg.layer_norm_epsilon
+        self.enorm = RMSNorm(d, eps=eps)
+        self.hnorm = RMSNorm(d, eps=eps)
+        self.eh_proj = Linear(2 * d, d, axes=("mtp_concat", "embed"), rngs=rngs, std=cfg.initializer_range,
+                              dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        # layer_idx continues after the main stack so per-layer policies can tell MTP layers apart.
+        n = cfg.num_hidden_layers
+        self.layers = nnx.List([Block(cfg, ch, rngs=rngs, layer_idx=n + i)
+                                for i, ch in enumerate(cfg.mtp_hybrid_override_pattern)])
+        self.final_layernorm = RMSNorm(d, eps=eps)
+
+    def __call__(self, h_prev_btd: jax.Array, emb_next_btd: jax.Array, *,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, list]:
+        u = self.eh_proj(jnp.concatenate([self.enorm(emb_next_btd), self.hnorm(h_prev_btd)], axis=-1))
+        auxes = []
+        for blk in self.layers:
+            u, aux = blk(u, segment_ids=segment_ids)
+            if aux is not None:
+                auxes.append(aux)
+        return self.final_layernorm(u), auxes

@@ -1,0 +1,98 @@
+"""NemotronModel: embedding -> one pre-norm block per pattern character -> norm_f -> untied LM head (+ MTP)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemotron_jax.config import ModelConfig
+from nemotron_jax.layers.blocks import Block
+from nemotron_jax.layers.common import Linear, dtype_of, normal_init, param
+from nemotron_jax.layers.norms import RMSNorm
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [b, t, v] fp32
+    hidden: jax.Array  # [b, t, d] final hidden states after norm_f (what the LM head and MTP read)
+    moe_aux: tuple  # one aux dict per MoE layer of the main stack, in order
+    mtp_logits: tuple  # per MTP depth k=1..D: [b, t, v], position i predicts token i+k+1
+    mtp_moe_aux: tuple  # aux dicts of the MTP block's MoE layers, over all depths
+
+
+def shift_tokens(tokens_bt: jax.Array, k: int, fill: int = 0) -> jax.Array:
+    """tokens[:, i+k] at position i (fill past the end)."""
+    if k == 0:
+        return tokens_bt
+    tail = jnp.full((tokens_bt.shape[0], k), fill, tokens_bt.dtype)
+    return jnp.concatenate([tokens_bt[:, k:], tail], axis=1)
+
+
+class NemotronModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = dtype_of(cfg.param_dtype)
+        self.embeddings = param(normal_init(cfg.initializer_range)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
+                                ("vocab", "embed"))
+        self.layers = nnx.List([Block(cfg, ch, rngs=rngs, layer_idx=i)
+                                for i, ch in enumerate(cfg.hybrid_override_pattern)])
+        self.norm_f = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs,
+                              std=cfg.initializer_range, dtype=dtype_of(cfg.dtype), param_dtype=pdt)
+        if cfg.mtp_enabled:
+            from nemotron_jax.layers.mtp import MTPBlock  # noqa: PLC0415
+            self.mtp = MTPBlock(cfg, rngs=rngs)
+        else:
+            self.mtp = None
+
+    def embed(self, tokens_bt: jax.Array) -> jax.Array:
+        return jnp.take(self.embeddings[...], tokens_bt, axis=0).astype(dtype_of(self.cfg.dtype))
+
+    def logits(self, hidden_btd: jax.Array) -> jax.Array:
+        return self.lm_head(hidden_btd).astype(jnp.float32)
+
+    def forward(self, tokens_bt: jax.Array, *, segment_ids: jax.Array | None = None,
+                mtp: bool | None = None) -> ModelOutput:
+        """Full forward. `mtp` (default: whether the config has MTP) also runs the MTP depths."""
+        if tokens_bt.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq] ints, got shape {tokens_bt.shape}")
+        x = self.embed(tokens_bt)
+        moe_aux = []
+        for blk in self.layers:
+            x, aux = blk(x, segment_ids=segment_ids)
+            if aux is not None:
+                moe_aux.append(aux)
+        hidden = self.norm_f(x)
+        logits = self.logits(hidden)
+        mtp_logits, mtp_aux = [], []
+        run_mtp = self.mtp is not None if mtp is None else mtp
+        if run_mtp:
+            if self.mtp is None:
+                raise ValueError("mtp=True but the config has no MTP block (num_nextn_predict_layers=0)")
+            h = hidden
+            for k in range(1, self.cfg.mtp_depths + 1):
+                h, auxes = self.mtp(h, self.embed(shift_tokens(tokens_bt, k)), segment_ids=segment_ids)
+                mtp_logits.append(self.logits(h))
+                mtp_aux.extend(auxes)
+        return ModelOutput(logits, hidden, tuple(moe_aux), tuple(mtp_logits), tuple(mtp_aux))
+
+    def __call__(self, tokens_bt: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.forward(tokens_bt, segment_ids=segment_ids, mtp=False).logits
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> NemotronModel:
+    return NemotronModel(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> NemotronModel:
+    """The model with ShapeDtypeStruct leaves: no memory is allocated (Ultra fits on a laptop)."""
+    return nnx.eval_shape(lambda: NemotronModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def apply(graphdef: nnx.GraphDef, state: nnx.State | tuple, tokens_bt: jax.Array, *,
+          segment_ids: jax.Array | None = None, mtp: bool | None = None) -> ModelOutput:
+    """Pure-function boundary: graphdef and state (or a tuple of states) from nnx.split(model); jit this."""
+    states = state if isinstance(state, tuple) else (state,)
+    return nnx.merge(graphdef, *states).forward(tokens_bt, segment_ids=segment_ids, mtp=mtp)
