@@ -28,7 +28,7 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02  # std of normal init for linears and embeddings
-    rescale_prenorm_residual: bool = True  # scale out-projection init by 1/sqrt(num layers)
+    rescale_prenorm_residual: bool = True  # scale residual-branch output projections' init by 1/sqrt(2 * layers)
     max_position_embeddings: int = 262144
 
     # --- attention (GQA, no positional encoding) ---

@@ -1,0 +1,180 @@
+"""MoE / LatentMoE block mixer (spec section 2): fp32 sigmoid router with correction bias, dropless routed
+squared-ReLU experts (grouped GEMMs via ragged_dot, or expert-parallel all-to-all on a mesh), shared expert.
+
+`MoE(cfg, rngs=...)(h_btd) -> (y_btd, aux)`, h the pre-normed block input; y = routed + shared (the residual
+block adds x). Parameter names follow HF NemotronH (gate, experts.up_proj/down_proj, shared_experts,
+fc1_latent_proj / fc2_latent_proj) so a converter maps them one to one (HF stores [out, in]; we store [in, out]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemotron_jax.config import ModelConfig
+from nemotron_jax.layers.common import Linear, dtype_of, normal_init, param
+from nemotron_jax.layers.mlp import out_proj_std
+from nemotron_jax.ops import expert_parallel as ep_ops
+from nemotron_jax.ops import moe_dispatch as md
+
+
+class RouterBias(nnx.Variable):
+    """The aux-loss-free correction bias: model state, not an nnx.Param, so the optimizer never sees it.
+
+    Changed only by `update_router_biases` (b_i += rate * sign(mean_load - load_i)) outside the gradient.
+    """
+
+
+class Router(nnx.Module):
+    """kernel [d, e] fp32 (axes embed, router); e_score_correction_bias [e] (RouterBias, zeros)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, e = cfg.hidden_size, cfg.n_routed_experts
+        self.kernel = param(normal_init(cfg.initializer_range)(rngs.params(), (d, e), jnp.float32),
+                            ("embed", "router"))
+        self.e_score_correction_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=("router",),
+                                                  eager_sharding=False)
+
+    def scores(self, h: jax.Array) -> jax.Array:
+        return md.router_scores(h, self.kernel[...])
+
+    def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(gates [.., k] fp32, idx [.., k] int32, unbiased scores [.., e] fp32)."""
+        cfg = self.cfg
+        s = self.scores(h)
+        gates, idx = md.route(s, self.e_score_correction_bias[...], k=cfg.num_experts_per_tok,
+                              n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                              routed_scaling_factor=cfg.routed_scaling_factor)
+        return gates, idx, s
+
+
+class RoutedExperts(nnx.Module):
+    """Stacked non-gated relu^2 experts: up_proj [e, i, m], down_proj [e, m, i] (i = latent size or d).
+
+    `ragged_dot` is the precision-policy hook: fn(x_mk, w_gkn, group_sizes_g) -> y_mn (None: tokamax / XLA).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, i, m = cfg.n_routed_experts, cfg.moe_expert_input_size, cfg.moe_intermediate_size
+        pdt = dtype_of(cfg.param_dtype)
+        self.up_proj = param(normal_init(cfg.initializer_range)(rngs.params(), (e, i, m), pdt),
+                             ("expert", "expert_in", "expert_mlp"))
+        self.down_proj = param(normal_init(out_proj_std(cfg))(rngs.params(), (e, m, i), pdt),
+                               ("expert", "expert_mlp", "expert_in"))
+        self.dtype = dtype_of(cfg.dtype)
+        self.ragged_dot = None
+
+    @property
+    def grouped_gemm(self) -> md.RaggedDot:
+        return self.ragged_dot if self.ragged_dot is not None else md.default_ragged_dot
+
+
+class SharedExpert(nnx.Module):
+    """Always-on relu^2 MLP on the full-width h: up_proj (embed, mlp), down_proj (mlp, embed)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, s = cfg.hidden_size, cfg.moe_shared_expert_intermediate_size
+        kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        self.up_proj = Linear(d, s, axes=("embed", "mlp"), std=cfg.initializer_range, **kw)
+        self.down_proj = Linear(s, d, axes=("mlp", "embed"), std=out_proj_std(cfg), **kw)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.down_proj(md.relu2(self.up_proj(h)))
+
+
+class MoE(nnx.Module):
+    """Routed (optionally latent) experts + shared expert. `layer_idx` keys this layer's bias update.
+
+    `mesh`: an explicit Mesh for expert/data parallel dispatch; None uses the mesh of `jax.set_mesh` if any.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer_idx: int = 0, mesh=None):
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.mesh = mesh
+        self.dtype = dtype_of(cfg.dtype)
+        kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype))
+        self.gate = Router(cfg, rngs=rngs)
+        self.experts = RoutedExperts(cfg, rngs=rngs)
+        has_shared = cfg.n_shared_experts > 0 and cfg.moe_shared_expert_intermediate_size > 0
+        self.shared_experts = SharedExpert(cfg, rngs=rngs) if has_shared else None
+        if cfg.moe_latent_size is not None:
+            d, lat = cfg.hidden_size, cfg.moe_latent_size
+            self.fc1_latent_proj = Linear(d, lat, axes=("embed", "latent"), std=cfg.initializer_range, **kw)
+            self.fc2_latent_proj = Linear(lat, d, axes=("latent", "embed"), std=out_proj_std(cfg), **kw)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+
+    def _mesh(self):
+        mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
+        sizes = ep_ops.mesh_axis_sizes(mesh)
+        return mesh if sizes and math.prod(sizes.values()) > 1 else None
+
+    def __call__(self, h_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.cfg
+        b, t, d = h_btd.shape
+        k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
+        gates_btk, idx_btk, scores_bte = self.gate(h_btd)
+        aux_loss = cfg.moe_aux_loss_coeff * md.sequence_aux_loss(scores_bte, k)
+
+        x = h_btd.astype(self.dtype)
+        u = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
+        u_ni = u.reshape(b * t, -1)
+        gates_nk, idx_nk = gates_btk.reshape(b * t, k), idx_btk.reshape(b * t, k)
+        w_up, w_down = self.experts.up_proj[...], self.experts.down_proj[...]
+        mesh = self._mesh()
+        if mesh is None:
+            r_ni, counts = md.dropless_experts(u_ni, idx_nk, gates_nk, w_up.astype(self.dtype),
+                                               w_down.astype(self.dtype), self.experts.grouped_gemm)
+            dropped = jnp.zeros((), jnp.int32)
+        else:
+            r_ni, counts, dropped = ep_ops.sharded_experts(
+                u_ni, idx_nk, gates_nk, w_up.astype(self.dtype), w_down.astype(self.dtype), mesh=mesh,
+                capacity_factor=cfg.moe_capacity_factor, ragged_dot=self.experts.grouped_gemm)
+        r = r_ni.reshape(b, t, -1)
+        if self.fc2_latent_proj is not None:
+            r = self.fc2_latent_proj(r)
+        y = r if self.shared_experts is None else r + self.shared_experts(x)
+        aux = {"aux_loss": aux_loss, "expert_counts": counts, "dropped": dropped}
+        return y.astype(self.dtype), aux
+
+
+# ----------------------------------------------------------------------------- load balancing helpers
+def moe_layers(model: nnx.Module) -> list[MoE]:
+    """Every distinct MoE module under `model`, sorted by layer_idx (a shared MTP MoE appears once)."""
+    found = [node for _, node in nnx.iter_graph(model) if isinstance(node, MoE)]
+    unique = list({id(m): m for m in found}.values())
+    return sorted(unique, key=lambda m: m.layer_idx)
+
+
+def update_router_biases(model: nnx.Module, counts: Mapping[int, jax.Array] | Sequence[jax.Array],
+                         rate: float | None = None) -> None:
+    """In place, outside the gradient: each MoE layer's bias b += rate * sign(mean(counts) - counts).
+
+    counts: {layer_idx: expert_counts [e]} (sum the counts of a layer applied several times, e.g. MTP depths,
+    before calling), or a sequence aligned with `moe_layers(model)` (ascending layer_idx). rate defaults to
+    cfg.moe_router_bias_update_rate; a rate of 0 leaves the biases unchanged.
+    """
+    layers = moe_layers(model)
+    if isinstance(counts, Mapping):
+        by_idx = {m.layer_idx: m for m in layers}
+        if len(by_idx) != len(layers):
+            raise ValueError("two MoE modules share a layer_idx; give each its own or pass counts as a sequence")
+        missing = set(counts) - set(by_idx)
+        if missing:
+            raise KeyError(f"counts for layer_idx {sorted(missing)} but the model's MoE layers are {sorted(by_idx)}")
+        pairs = [(by_idx[i], c) for i, c in counts.items()]
+    else:
+        counts = list(counts)
+        if len(counts) != len(layers):
+            raise ValueError(f"{len(counts)} count vectors for {len(layers)} MoE layers")
+        pairs = list(zip(layers, counts))
+    for layer, c in pairs:
+        r = layer.cfg.moe_router_bias_update_rate if rate is None else rate
+        bias = layer.gate.e_score_correction_bias
+        bias[...] = md.update_router_bias(bias[...], jax.lax.stop_gradient(c), r)
