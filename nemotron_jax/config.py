@@ -58,7 +58,7 @@ class ModelConfig:
     # Clamp on softplus(dt + dt_bias). Training (Megatron) uses (0, inf); HF 5.24 parity needs (1e-3, inf).
     time_step_limit: tuple[float, float] = (0.0, math.inf)
     mamba_ssm_cache_dtype: str = "float32"
-    ssd_impl: str = "chunked"  # which nemotron_jax.ops.ssd implementation the mixer calls
+    ssd_impl: str = "auto"  # nemotron_jax.ops.ssd implementation: auto = Pallas kernel on GPU where supported
 
     # --- MoE ('E') ---
     n_routed_experts: int = 128

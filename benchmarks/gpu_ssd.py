@@ -1,0 +1,174 @@
+"""GPU check and timing of the SSD Pallas kernel (compiled, not interpreted) vs the chunked XLA path.
+
+Prepared for the H200 machine (jax 0.11.2 preinstalled there; this repo's tree as cwd; no network).
+Nano's Mamba-2 heads: h=64 heads x p=64, state n=128, g=8 groups, chunk 128, bf16 activations.
+
+    python benchmarks/gpu_ssd.py                  # ~2-4 min: checks, then timings
+    python benchmarks/gpu_ssd.py --t 8192 --b 1   # fewer timings
+
+Steps (each config in its own try/except, so one failing compile is reported, not fatal):
+  1. correctness on GPU: kernel vs chunked (both fp32-accurate: precision HIGHEST) at T=1000
+     (ragged last chunk), with an initial state, and again with packed segment_ids;
+  2. forward time: chunked XLA (default precision = TF32 dots on Hopper, and HIGHEST) vs kernel
+     launch configs (block_p, num_warps; precision HIGHEST and TF32);
+  3. forward+backward time: kernel (custom_vjp, chunked backward) vs chunked.
+Results print as a table and go to $OUT/gpu_ssd.json (or ./gpu_ssd.json) for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+try:
+    import nemotron_jax  # noqa: F401
+except ImportError:
+    # The GPU machine may lack the model's dependencies (e.g. tokamax). The SSD op needs only jax:
+    # register bare package stubs so `nemotron_jax.ops.*` imports without the package __init__.
+    for name in ("nemotron_jax", "nemotron_jax.ops"):
+        mod = types.ModuleType(name)
+        mod.__path__ = [os.path.join(ROOT, *name.split("."))]
+        sys.modules[name] = mod
+
+ssd_mod = importlib.import_module("nemotron_jax.ops.ssd")
+kernel = importlib.import_module("pallas_kernels.ssd")
+ssd = ssd_mod.ssd
+
+
+def inputs(b, t, h, p, g, n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    normal = lambda *s: rng.standard_normal(s).astype(np.float32)
+    return (jnp.asarray(normal(b, t, h, p), dtype),
+            jnp.asarray(np.maximum(np.logaddexp(0.0, normal(b, t, h) - 2.0), 1e-3)),
+            jnp.asarray(-rng.uniform(1.0, 16.0, h).astype(np.float32)),
+            jnp.asarray(normal(b, t, g, n), dtype),
+            jnp.asarray(normal(b, t, g, n), dtype),
+            jnp.asarray(0.1 * normal(b, h, p, n)))
+
+
+def rel(a, ref):
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(a - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def timeit(fn, args, repeats):
+    compiled = jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--t", default="4096,16384")
+    ap.add_argument("--b", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU plumbing check: tiny heads, chunk 16, kernel interpreted")
+    a = ap.parse_args(argv)
+    h, p, g, n, L = 64, 64, 8, 128, 128
+    interp, t_check, seg_lens = False, 1000, [300, 200, 257, 243]
+    if a.smoke:
+        h, p, g, n, L, interp, t_check, seg_lens = 4, 32, 2, 16, 16, True, 40, [10, 10, 7, 13]
+    dev = jax.devices()[0]
+    report = dict(jax=jax.__version__, device=dev.device_kind, backend=jax.default_backend(),
+                  shape=dict(h=h, p=p, g=g, n=n, chunk=L, b=a.b), checks=[], fwd=[], fwdbwd=[])
+    print(f"# jax {jax.__version__}, {dev.device_kind} ({jax.default_backend()})", flush=True)
+    if jax.default_backend() != "gpu":
+        print("# not on a GPU: the kernel would run interpreted; this script is for the H200 machine")
+    HI, TF32 = lax.Precision.HIGHEST, lax.Precision.DEFAULT
+
+    def run(label, fn):
+        try:
+            return fn()
+        except Exception as e:  # report and continue
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"  {label}: FAILED {msg}", flush=True)
+            traceback.print_exc(limit=3)
+            return msg
+
+    # 1. correctness (kernel compiled vs chunked XLA, both HIGHEST)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for with_seg in (False, True):
+            x, dt, A, B, C, S0 = inputs(1, t_check, h, p, g, n, dtype)
+            seg = jnp.asarray(np.repeat(np.arange(4), seg_lens)[None]) if with_seg else None
+
+            def check():
+                with jax.default_matmul_precision("highest"):
+                    yc, sc = jax.jit(lambda *z: ssd(*z[:5], chunk_size=L, initial_state=z[5], segment_ids=seg,
+                                                    return_final_state=True, impl="chunked"))(x, dt, A, B, C, S0)
+                yk, sk = jax.jit(lambda *z: kernel.ssd_pallas(
+                    *z[:5], chunk_size=L, initial_state=z[5], interpret=interp, precision=HI,
+                    run_ids=None if seg is None else ssd_mod.segment_runs(seg)))(x, dt, A, B, C, S0)
+                return dict(y=rel(yk.astype(jnp.float32), yc.astype(jnp.float32)), state=rel(sk, sc))
+
+            res = run(f"check {jnp.dtype(dtype).name} seg={with_seg}", check)
+            report["checks"].append(dict(dtype=jnp.dtype(dtype).name, segments=with_seg, result=res))
+            print(f"  check {jnp.dtype(dtype).name:8s} segments={with_seg!s:5s} rel err vs chunked: {res}", flush=True)
+
+    # 2. forward timings
+    configs = [dict(block_p=64, num_warps=4, precision=HI), dict(block_p=64, num_warps=8, precision=HI),
+               dict(block_p=32, num_warps=4, precision=HI), dict(block_p=32, num_warps=8, precision=HI),
+               dict(block_p=32, num_warps=4, precision=TF32), dict(block_p=64, num_warps=8, precision=TF32)]
+    if a.smoke:
+        configs = [dict(block_p=32, num_warps=4, precision=HI), dict(block_p=16, num_warps=4, precision=TF32)]
+    for t in [int(v) for v in a.t.split(",")]:
+        x, dt, A, B, C, S0 = inputs(a.b, t, h, p, g, n, jnp.bfloat16)
+        args = (x, dt, A, B, C)
+        row = dict(T=t)
+        for prec in ("default", "highest"):
+            def chunked(*z):
+                with jax.default_matmul_precision(prec):
+                    return ssd(*z, chunk_size=L, impl="chunked")
+            row[f"chunked_{prec}_ms"] = run(f"chunked {prec} T={t}", lambda: timeit(chunked, args, a.repeats))
+        for cfg in configs:
+            name = f"pallas_bp{cfg['block_p']}_w{cfg['num_warps']}_{'tf32' if cfg['precision'] == TF32 else 'fp32'}_ms"
+            fn = lambda *z, cfg=cfg: kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, **cfg)[0]
+            row[name] = run(f"{name} T={t}", lambda: timeit(fn, args, a.repeats))
+        report["fwd"].append(row)
+        print(f"  fwd T={t}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in row.items() if k != "T"), flush=True)
+
+    # 3. forward + backward at the first T (kernel forward + chunked backward, vs chunked both ways)
+    t = int(a.t.split(",")[0])
+    x, dt, A, B, C, S0 = inputs(a.b, t, h, p, g, n, jnp.bfloat16)
+    args = (x, dt, A, B, C)
+    best = dict(block_p=32, num_warps=4, precision=HI)   # edit after reading the fwd table
+    loss = {
+        "chunked": lambda *z: jnp.sum(ssd(*z, chunk_size=L, impl="chunked").astype(jnp.float32) ** 2),
+        "pallas": lambda *z: jnp.sum(kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, **best)[0]
+                                     .astype(jnp.float32) ** 2),
+    }
+    row = dict(T=t)
+    for name, f in loss.items():
+        row[f"{name}_ms"] = run(f"fwdbwd {name}", lambda f=f: timeit(jax.grad(f, argnums=(0, 1, 2, 3, 4)), args,
+                                                                     a.repeats))
+    report["fwdbwd"].append(row)
+    print(f"  fwd+bwd T={t}: {row}", flush=True)
+
+    out = os.path.join(os.environ.get("OUT", "."), "gpu_ssd.json")
+    with open(out, "w") as fh:
+        json.dump(report, fh, indent=1, default=str)
+    print(f"# wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
