@@ -87,6 +87,7 @@ class ModelConfig:
     # Precision policy (nemotron_jax.quant.policy): "bf16" everywhere, or the NVFP4 recipe of spec section 4.
     precision: str = "bf16"
     nvfp4_bf16_last_fraction: float = 0.15  # the last ~15% of layers stay high precision
+    nvfp4_bf16_last_layers: int | None = None  # exact count instead of the fraction (Ultra: 16 of 108)
     nvfp4_rht: bool = True  # random Hadamard transform on Wgrad inputs
     nvfp4_stochastic_rounding: bool = True  # SR on dY copies
     nvfp4_weight_2d: bool = True  # 16x16 weight tiles (else 1x16)
@@ -185,6 +186,9 @@ class ModelConfig:
             bad("precision", "unknown precision policy", f"use one of {_PRECISIONS}")
         if not 0.0 <= self.nvfp4_bf16_last_fraction <= 1.0:
             bad("nvfp4_bf16_last_fraction", "must lie in [0, 1]", "Nemotron 3 keeps the last 0.15 in BF16")
+        if self.nvfp4_bf16_last_layers is not None and not 0 <= self.nvfp4_bf16_last_layers <= self.num_hidden_layers:
+            bad("nvfp4_bf16_last_layers", f"must lie in [0, num_hidden_layers={self.num_hidden_layers}] or be None",
+                "use None to apply nvfp4_bf16_last_fraction")
         if self.ssd_impl not in _SSD_IMPLS:
             bad("ssd_impl", "unknown SSD implementation", f"use one of {_SSD_IMPLS}")
         lo, hi = self.time_step_limit
@@ -246,7 +250,7 @@ class ModelConfig:
             n_routed_experts=512, num_experts_per_tok=22, moe_intermediate_size=5120,
             moe_shared_expert_intermediate_size=10240, moe_latent_size=2048, routed_scaling_factor=5.0,
             num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E", mtp_depths=2,
-            mtp_loss_scaling_factor=0.1, initializer_range=0.0099,
+            mtp_loss_scaling_factor=0.1, initializer_range=0.0099, nvfp4_bf16_last_layers=16,
         )
         return cls(**{**cfg, **overrides})
 

@@ -46,6 +46,9 @@ class NemotronModel(nnx.Module):
             self.mtp = MTPBlock(cfg, rngs=rngs)
         else:
             self.mtp = None
+        if cfg.precision != "bf16":
+            from nemotron_jax.layers.precision import apply_precision_policy  # noqa: PLC0415
+            apply_precision_policy(self)
 
     def embed(self, tokens_bt: jax.Array) -> jax.Array:
         return jnp.take(self.embeddings[...], tokens_bt, axis=0).astype(dtype_of(self.cfg.dtype))
@@ -54,10 +57,21 @@ class NemotronModel(nnx.Module):
         return self.lm_head(hidden_btd).astype(jnp.float32)
 
     def forward(self, tokens_bt: jax.Array, *, segment_ids: jax.Array | None = None,
-                mtp: bool | None = None) -> ModelOutput:
-        """Full forward. `mtp` (default: whether the config has MTP) also runs the MTP depths."""
+                mtp: bool | None = None, quant_key: jax.Array | None = None) -> ModelOutput:
+        """Full forward. `mtp` (default: whether the config has MTP) also runs the MTP depths.
+
+        `quant_key` feeds stochastic rounding in the backward pass of NVFP4 linears (precision="nvfp4");
+        pass a fresh key every training step.
+        """
         if tokens_bt.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq] ints, got shape {tokens_bt.shape}")
+        if quant_key is not None and self.cfg.precision != "bf16":
+            from nemotron_jax.layers.precision import quant_key_scope  # noqa: PLC0415
+            with quant_key_scope(quant_key):
+                return self._forward(tokens_bt, segment_ids, mtp)
+        return self._forward(tokens_bt, segment_ids, mtp)
+
+    def _forward(self, tokens_bt, segment_ids, mtp) -> ModelOutput:
         x = self.embed(tokens_bt)
         moe_aux = []
         for blk in self.layers:
@@ -92,7 +106,8 @@ def abstract_model(cfg: ModelConfig) -> NemotronModel:
 
 
 def apply(graphdef: nnx.GraphDef, state: nnx.State | tuple, tokens_bt: jax.Array, *,
-          segment_ids: jax.Array | None = None, mtp: bool | None = None) -> ModelOutput:
+          segment_ids: jax.Array | None = None, mtp: bool | None = None,
+          quant_key: jax.Array | None = None) -> ModelOutput:
     """Pure-function boundary: graphdef and state (or a tuple of states) from nnx.split(model); jit this."""
     states = state if isinstance(state, tuple) else (state,)
-    return nnx.merge(graphdef, *states).forward(tokens_bt, segment_ids=segment_ids, mtp=mtp)
+    return nnx.merge(graphdef, *states).forward(tokens_bt, segment_ids=segment_ids, mtp=mtp, quant_key=quant_key)

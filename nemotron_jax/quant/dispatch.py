@@ -1,0 +1,72 @@
+"""One NVFP4 QDQ entry point that picks the implementation: the Pallas kernel or the jnp reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nemotron_jax.quant import nvfp4
+from pallas_kernels import nvfp4 as nvfp4_kernel
+
+IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+
+
+def _resolve(impl: str, x: jax.Array, block) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: use one of {IMPLS}")
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return "pallas" if on_gpu and nvfp4_kernel.supports(x.shape, x.dtype, block) else "reference"
+    if impl != "reference" and not nvfp4_kernel.supports(x.shape, x.dtype, block):
+        raise ValueError(f"the NVFP4 Pallas kernel does not support shape {x.shape}, dtype {x.dtype}, "
+                         f"block {block}; use impl='reference' or 'auto'")
+    return impl
+
+
+def qdq_unscaled(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax.Array | None = None,
+                 bits: jax.Array | None = None, hadamard: bool = False, amax: jax.Array | None = None,
+                 impl: str = "auto", dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+    """(codes * s_b in ``dtype``, S_dec): the GEMM operand as the tensor core sees it. codes * s_b is exact in
+    bf16, so a bf16 GEMM with fp32 accumulation times S_dec,A * S_dec,B reproduces NVFP4 GEMM numerics."""
+    block = tuple(block)
+    impl = _resolve(impl, x, block)
+    if impl == "reference":
+        q = nvfp4.quantize(x, block=block, rounding=rounding, key=key, bits=bits, hadamard=hadamard, amax=amax)
+        return nvfp4.dequantize(q, dtype, apply_tensor_scale=False), q.tensor_scale
+    bits, s_enc, s_dec = _kernel_inputs(x, rounding, key, bits, hadamard, amax)
+    y, _ = nvfp4_kernel.qdq_kernel(x, jnp.stack([s_enc, s_dec]), block=block, rounding=rounding, bits=bits,
+                                   hadamard=hadamard, out_dtype=dtype, apply_tensor_scale=False,
+                                   interpret=impl == "pallas_interpret" or jax.default_backend() != "gpu")
+    return y, s_dec
+
+
+def _kernel_inputs(x, rounding, key, bits, hadamard, amax):
+    if rounding == "stochastic" and bits is None:
+        if key is None:
+            raise ValueError("rounding='stochastic' needs key= or bits=")
+        bits = nvfp4.random_bits(key, x.shape)
+    if amax is None:
+        amax = jnp.max(jnp.abs(nvfp4.rht(x) if hadamard else x.astype(jnp.float32)))
+    s_enc, s_dec = nvfp4.tensor_scales(amax)
+    return bits, s_enc, s_dec
+
+
+def qdq(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax.Array | None = None,
+        bits: jax.Array | None = None, hadamard: bool = False, amax: jax.Array | None = None,
+        impl: str = "auto") -> jax.Array:
+    """NVFP4 quantize-dequantize of x (same shape and dtype; rotated basis when hadamard=True).
+
+    impl: "reference" (jnp), "pallas" (the fused kernel; interpreted when not on GPU),
+    "pallas_interpret" (force interpret mode), or "auto": the kernel on GPU when ``supports`` says so, the
+    reference elsewhere. All give identical values for the same inputs (and the same bits, which both draw
+    from ``key`` with ``nvfp4.random_bits``).
+    """
+    block = tuple(block)
+    impl = _resolve(impl, x, block)
+    if impl == "reference":
+        return nvfp4.qdq(x, block=block, rounding=rounding, key=key, bits=bits, hadamard=hadamard, amax=amax)
+    bits, s_enc, s_dec = _kernel_inputs(x, rounding, key, bits, hadamard, amax)
+    interpret = impl == "pallas_interpret" or jax.default_backend() != "gpu"
+    y, _ = nvfp4_kernel.qdq_kernel(x, jnp.stack([s_enc, s_dec]), block=block, rounding=rounding, bits=bits,
+                                   hadamard=hadamard, interpret=interpret)
+    return y

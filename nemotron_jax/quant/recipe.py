@@ -1,0 +1,286 @@
+"""Trainable NVFP4 / MXFP8 GEMMs (spec section 4, "Block shape and RHT per GEMM"), as jax.custom_vjp.
+
+Convention: x [..., K] (tokens T = prod(leading axes)), w [K, N] (our Linear stores [in, out]), y = x @ w.
+
+| GEMM              | operand A                                     | operand B                                   |
+|-------------------|-----------------------------------------------|---------------------------------------------|
+| Fprop  y = x.w    | X 1x16 along K, nearest                       | W 16x16 tiles, nearest (1x16 along K if     |
+|                   |                                               | weight_2d=False)                            |
+| Dgrad  dX = dY.W^T| dY 1x16 along N, stochastic (nearest if SR    | the same 16x16 W values (weight_2d=False:   |
+|                   | off)                                          | W re-quantized 1x16 along N)                |
+| Wgrad  dW = X^T.dY| X^T 1x16 along tokens, nearest, RHT if rht    | dY^T 1x16 along tokens, stochastic, RHT     |
+
+Every copy is quantized from the high-precision tensor with its own tensor amax (the RHT copies: amax after
+the rotation). A 16x16 tile is the same set of values in W and W^T, so one quantization serves fprop and
+dgrad. The token axis is zero-padded to a multiple of 16 for Wgrad (zeros change neither amax nor the sum;
+the RHT mixes them in, but M is orthogonal, so the product still equals X^T dY up to quantization).
+GEMM operands are ``codes * s_b`` in bf16 (exact), accumulated in fp32, and the output is multiplied by
+S_dec,A * S_dec,B, which is how the tensor core applies the two scale levels.
+
+Randomness: ``key`` is a PRNG key used only by the backward pass (split into one key for the dgrad dY copy and
+one for the wgrad dY copy); the forward pass is deterministic. Pass a fresh key per step and per linear
+(``quantizer_key``). ``key`` may be None when stochastic_rounding=False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+from nemotron_jax.quant import dispatch, mxfp8
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4Recipe:
+    """Switches for each recipe element (ablations turn them off one by one).
+
+    rht: random Hadamard transform on both Wgrad operands along tokens (off: Wgrad operands unrotated).
+    stochastic_rounding: SR on the dY copies (off: nearest-even, so the backward pass ignores the key).
+    weight_2d: 16x16 weight tiles shared by fprop and dgrad (off: W 1x16 along K for fprop, and a separate
+        1x16-along-N quantization for dgrad, so W and W^T see different values).
+    impl: QDQ implementation, see nemotron_jax.quant.dispatch. Default "reference" (jnp, runs everywhere):
+        the compiled Pallas kernel has only been checked in interpret mode so far; switch to "auto" (kernel on
+        GPU) once benchmarks/gpu_nvfp4.sh has shown it bit-identical on the GPU.
+    """
+
+    rht: bool = True
+    stochastic_rounding: bool = True
+    weight_2d: bool = True
+    impl: str = "reference"
+
+    @classmethod
+    def from_config(cls, cfg, impl: str = "reference") -> "NVFP4Recipe":
+        return cls(rht=cfg.nvfp4_rht, stochastic_rounding=cfg.nvfp4_stochastic_rounding,
+                   weight_2d=cfg.nvfp4_weight_2d, impl=impl)
+
+
+def quantizer_key(key: jax.Array, name: str) -> jax.Array:
+    """A per-linear key: ``key`` folded with a stable hash of the linear's name (like TE's "sr_rng" stream)."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _q(x, recipe, *, block=(1, 16), sr=False, key=None, hadamard=False, amax=None):
+    """(codes * s_b as bf16, S_dec) of x along its last axis."""
+    rounding = "stochastic" if (sr and recipe.stochastic_rounding) else "nearest"
+    return dispatch.qdq_unscaled(x, block=block, rounding=rounding, key=key if rounding == "stochastic" else None,
+                                 hadamard=hadamard, amax=amax, impl=recipe.impl)
+
+
+def _check_mult(name, n, m=16):
+    if n % m:
+        raise ValueError(f"{name}={n} is not a multiple of {m}: NVFP4/MXFP8 blocks need it; pad the weight "
+                         f"(or run this linear in bf16 through the precision policy)")
+
+
+def _pad_rows(a, mult):
+    pad = (-a.shape[0]) % mult
+    return jnp.pad(a, ((0, pad), (0, 0))) if pad else a
+
+
+def _mm(a, b, contract):
+    """fp32-accumulated GEMM; contract = ((a_dims), (b_dims))."""
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=_F32)
+
+
+def _weight_fprop(w, recipe):
+    """W [K, N] for fprop: 16x16 tiles, or 1x16 along K."""
+    if recipe.weight_2d:
+        return _q(w, recipe, block=(16, 16))
+    v, s = _q(w.T, recipe)
+    return v.T, s
+
+
+def _weight_dgrad(w, recipe):
+    """W [K, N] for dgrad (reduction over N): the same 16x16 values, or 1x16 along N."""
+    return _q(w, recipe, block=(16, 16)) if recipe.weight_2d else _q(w, recipe)
+
+
+def _keys(key, recipe):
+    if not recipe.stochastic_rounding:
+        return None, None
+    if key is None:
+        raise ValueError("NVFP4Recipe(stochastic_rounding=True) needs a PRNG key for the backward pass")
+    k = jax.random.split(key)
+    return k[0], k[1]
+
+
+# ------------------------------------------------------------------------------------- dense linear
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _nvfp4_matmul(x, w, key, recipe):
+    return _nvfp4_fwd(x, w, key, recipe)[0]
+
+
+def _nvfp4_fwd(x, w, key, recipe):
+    k, n = w.shape
+    xv, sx = _q(x.reshape(-1, k), recipe)
+    wv, sw = _weight_fprop(w, recipe)
+    y = _mm(xv, wv, ((1,), (0,))) * (sx * sw)
+    return y.reshape(*x.shape[:-1], n).astype(x.dtype), (x, w, key)
+
+
+def _nvfp4_bwd(recipe, res, dy):
+    x, w, key = res
+    k, n = w.shape
+    kd, kw = _keys(key, recipe)
+    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
+    # Dgrad: dX [T, K] = dY [T, N] . W^T, reduction over N
+    dyv, sdy = _q(dy2, recipe, sr=True, key=kd)
+    wv, sw = _weight_dgrad(w, recipe)
+    dx = _mm(dyv, wv, ((1,), (1,))) * (sdy * sw)
+    # Wgrad: dW [K, N] = X^T . dY, reduction over tokens (padded to 16)
+    xtv, sxt = _q(_pad_rows(x2, 16).T, recipe, hadamard=recipe.rht)
+    dytv, sdyt = _q(_pad_rows(dy2, 16).T, recipe, sr=True, key=kw, hadamard=recipe.rht)
+    dw = _mm(xtv, dytv, ((1,), (1,))) * (sxt * sdyt)
+    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype), None
+
+
+_nvfp4_matmul.defvjp(_nvfp4_fwd, _nvfp4_bwd)
+
+
+def nvfp4_matmul(x: jax.Array, w: jax.Array, key: jax.Array | None = None,
+                 recipe: NVFP4Recipe = NVFP4Recipe()) -> jax.Array:
+    """y = x @ w with the NVFP4 training recipe; x [..., K], w [K, N] (K, N multiples of 16) -> [..., N]
+    in x.dtype. Differentiable in x and w; ``key`` drives stochastic rounding in the backward pass."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"nvfp4_matmul: x {x.shape} and w {w.shape} do not match as [..., K] @ [K, N]")
+    _check_mult("K (w.shape[0])", w.shape[0])
+    _check_mult("N (w.shape[1])", w.shape[1])
+    return _nvfp4_matmul(x, w, key, recipe)
+
+
+# ------------------------------------------------------------------------------- grouped (MoE) GEMM
+def _group_ids(group_sizes, m):
+    g = group_sizes.shape[0]
+    return jnp.repeat(jnp.arange(g), group_sizes, total_repeat_length=m)
+
+
+def _padded_layout(group_sizes, m):
+    """Scatter index of each row into a layout where every group starts at a multiple of 16, the padded group
+    sizes, and the padded length (static upper bound)."""
+    g = group_sizes.shape[0]
+    mp = -(-(m + 15 * g) // 16) * 16
+    gid = _group_ids(group_sizes, m)
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    psizes = (group_sizes + 15) // 16 * 16
+    pstarts = jnp.cumsum(psizes) - psizes
+    r = jnp.arange(m)
+    dest = pstarts[gid] + r - starts[gid]
+    dest = jnp.where(r < jnp.sum(group_sizes), dest, mp)  # rows past the groups: dropped
+    return dest, psizes.astype(group_sizes.dtype), mp
+
+
+def _per_expert(fn, w):
+    """vmap a (w_g -> (values, S_dec)) quantization over experts: every expert gets its own tensor amax."""
+    return jax.vmap(fn)(w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _nvfp4_ragged(x, w, group_sizes, key, recipe):
+    return _ragged_fwd(x, w, group_sizes, key, recipe)[0]
+
+
+def _ragged_fwd(x, w, group_sizes, key, recipe):
+    m = x.shape[0]
+    xv, sx = _q(x, recipe)
+    wv, sw = _per_expert(lambda wg: _weight_fprop(wg, recipe), w)  # [G, K, N], [G]
+    y = jax.lax.ragged_dot(xv, wv, group_sizes, preferred_element_type=_F32)
+    y = y * (sx * sw[_group_ids(group_sizes, m)])[:, None]
+    return y.astype(x.dtype), (x, w, group_sizes, key)
+
+
+def _ragged_bwd(recipe, res, dy):
+    x, w, group_sizes, key = res
+    m = x.shape[0]
+    kd, kw = _keys(key, recipe)
+    gid = _group_ids(group_sizes, m)
+    # Dgrad: dX [M, K] = dY [M, N] . W_g^T per group
+    dyv, sdy = _q(dy, recipe, sr=True, key=kd)
+    wv, sw = _per_expert(lambda wg: _weight_dgrad(wg, recipe), w)
+    dx = jax.lax.ragged_dot(dyv, jnp.swapaxes(wv, 1, 2), group_sizes, preferred_element_type=_F32)
+    dx = dx * (sdy * sw[gid])[:, None]
+    # Wgrad: dW_g = X_g^T . dY_g, each group zero-padded to a multiple of 16 tokens so no 16-block (or RHT
+    # chunk) straddles two experts; one tensor scale per token-side tensor (amax over all its rows).
+    dest, psizes, mp = _padded_layout(group_sizes, m)
+    xp = jnp.zeros((mp, x.shape[1]), x.dtype).at[dest].set(x, mode="drop")
+    dyp = jnp.zeros((mp, dy.shape[1]), dy.dtype).at[dest].set(dy, mode="drop")
+    xtv, sxt = _q(xp.T, recipe, hadamard=recipe.rht)
+    dytv, sdyt = _q(dyp.T, recipe, sr=True, key=kw, hadamard=recipe.rht)
+    dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                           lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    dw = jax.lax.ragged_dot_general(xtv.T, dytv.T, psizes, dn, preferred_element_type=_F32) * (sxt * sdyt)
+    return dx.astype(x.dtype), dw.astype(w.dtype), None, None
+
+
+_nvfp4_ragged.defvjp(_ragged_fwd, _ragged_bwd)
+
+
+def nvfp4_ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array, key: jax.Array | None = None,
+                     recipe: NVFP4Recipe = NVFP4Recipe()) -> jax.Array:
+    """Grouped GEMM y[r] = x[r] @ w[g(r)] with the NVFP4 recipe; x [M, K] rows sorted by group, w [G, K, N],
+    group_sizes [G] int32 (sum <= M; rows past the sum give zeros). Each expert's weight is quantized in
+    16x16 tiles with its own tensor scale; the token side in 1x16 blocks; Wgrad with RHT and SR along tokens
+    per group. Differentiable in x and w."""
+    if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1] or group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"nvfp4_ragged_dot: x {x.shape}, w {w.shape}, group_sizes {group_sizes.shape} do not "
+                         f"match [M, K], [G, K, N], [G]")
+    _check_mult("K (w.shape[1])", w.shape[1])
+    _check_mult("N (w.shape[2])", w.shape[2])
+    return _nvfp4_ragged(x, w, group_sizes, key, recipe)
+
+
+# ------------------------------------------------------------------------------------- MXFP8 linear
+def _mx(a):
+    """MXFP8 QDQ along the last axis, in bf16 (codes * 2**e is exact there)."""
+    codes, e = mxfp8.quantize(a)
+    return mxfp8.dequantize(codes, e, jnp.bfloat16)
+
+
+@jax.custom_vjp
+def _mxfp8_matmul(x, w):
+    return _mx_fwd(x, w)[0]
+
+
+def _mx_fwd(x, w):
+    k, n = w.shape
+    y = _mm(_mx(x.reshape(-1, k)), _mx(w.T), ((1,), (1,)))
+    return y.reshape(*x.shape[:-1], n).astype(x.dtype), (x, w)
+
+
+def _mx_bwd(res, dy):
+    x, w = res
+    k, n = w.shape
+    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
+    dx = _mm(_mx(dy2), _mx(w), ((1,), (1,)))  # reduction over N: both along N
+    dw = _mm(_mx(_pad_rows(x2, 32).T), _mx(_pad_rows(dy2, 32).T), ((1,), (1,)))  # along tokens
+    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
+
+
+_mxfp8_matmul.defvjp(_mx_fwd, _mx_bwd)
+
+
+def mxfp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """y = x @ w with MXFP8 (E4M3, 32-blocks, E8M0 scales) QDQ on both operands of all three GEMMs, along each
+    GEMM's reduction axis, nearest-even. x [..., K], w [K, N] with K, N multiples of 32."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"mxfp8_matmul: x {x.shape} and w {w.shape} do not match as [..., K] @ [K, N]")
+    _check_mult("K (w.shape[0])", w.shape[0], 32)
+    _check_mult("N (w.shape[1])", w.shape[1], 32)
+    return _mxfp8_matmul(x, w)
+
+
+def matmul_for(fmt: str, *, key: jax.Array | None = None, recipe: NVFP4Recipe = NVFP4Recipe()):
+    """The ``matmul(x, w)`` hook for Linear for a policy format: None for "bf16" (plain einsum)."""
+    if fmt == "bf16":
+        return None
+    if fmt == "nvfp4":
+        return lambda x, w: nvfp4_matmul(x, w, key, recipe)
+    if fmt == "mxfp8":
+        return mxfp8_matmul
+    raise ValueError(f"unknown format {fmt!r}: use 'bf16', 'nvfp4' or 'mxfp8'")

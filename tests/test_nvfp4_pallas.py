@@ -1,0 +1,65 @@
+"""Pallas NVFP4 QDQ kernel (interpret mode on CPU) equals the jnp reference bit for bit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nemotron_jax.quant import dispatch, nvfp4
+from pallas_kernels import nvfp4 as K
+
+X = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 64)).astype(np.float32) * 3)
+X = X.at[0, 3, :16].set(0.0).at[1, 7, 20].set(500.0)  # a zero block and an outlier
+
+
+def _scales(x, hadamard):
+    amax = jnp.max(jnp.abs(nvfp4.rht(x) if hadamard else x))
+    return jnp.stack(nvfp4.tensor_scales(amax))
+
+
+@pytest.mark.parametrize("hadamard", [False, True], ids=["plain", "rht"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("block", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+def test_kernel_bit_identical_to_reference(block, rounding, hadamard):
+    bits = nvfp4.random_bits(jax.random.key(1), X.shape) if rounding == "stochastic" else None
+    ref_q = nvfp4.quantize(X, block=block, rounding=rounding, bits=bits, hadamard=hadamard)
+    y, s = K.qdq_kernel(X, _scales(X, hadamard), block=block, rounding=rounding, bits=bits, hadamard=hadamard,
+                        interpret=True, block_cols=2)  # block_cols=2: a 2x2 or 4x2 grid, several tiles
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(nvfp4.dequantize(ref_q)))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(ref_q.block_scales.astype(jnp.float32)))
+
+
+def test_kernel_seeded_bits_match_hash_bits():
+    """In-kernel counter-based bits == hash_bits(seed, shape) fed to the reference; seeds decorrelate."""
+    y, _ = K.qdq_kernel(X, _scales(X, False), rounding="stochastic", seed=jnp.uint32(7), interpret=True)
+    ref = nvfp4.qdq(X, rounding="stochastic", bits=K.hash_bits(7, X.shape))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+    b1, b2 = np.asarray(K.hash_bits(7, (4096,))), np.asarray(K.hash_bits(8, (4096,)))
+    assert len(np.unique(b1)) == 4096 and (b1 != b2).mean() > 0.99
+    assert abs((b1 >> 31).mean() - 0.5) < 0.05  # top bit balanced (5 sigma ~ 0.04)
+
+
+def test_kernel_bf16_in_unscaled_out():
+    xb = X.astype(jnp.bfloat16)
+    y, _ = K.qdq_kernel(xb, _scales(xb.astype(jnp.float32), False), interpret=True)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(nvfp4.qdq(xb)))
+    v, s_dec = dispatch.qdq_unscaled(X, block=(16, 16), impl="pallas_interpret")
+    q = nvfp4.quantize(X, block=(16, 16))
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(nvfp4.dequantize(q, jnp.bfloat16, apply_tensor_scale=False)))
+    assert float(s_dec) == float(q.tensor_scale)
+
+
+def test_supports_and_dispatch():
+    assert K.supports((2, 32, 64), jnp.float32, (1, 16)) and K.supports((16, 16), jnp.bfloat16, (16, 16))
+    assert not K.supports((8, 24), jnp.float32, (1, 16))
+    assert not K.supports((8, 32), jnp.float32, (16, 16))
+    assert not K.supports((16, 32), jnp.int32, (1, 16))
+    with pytest.raises(ValueError, match="does not support"):
+        dispatch.qdq(jnp.ones((8, 24)), impl="pallas")
+    # auto on CPU is the reference; the kernel path gives the same values
+    np.testing.assert_array_equal(np.asarray(dispatch.qdq(X)), np.asarray(nvfp4.qdq(X)))
+    k = jax.random.key(3)
+    np.testing.assert_array_equal(
+        np.asarray(dispatch.qdq(X, rounding="stochastic", key=k, hadamard=True, impl="pallas_interpret")),
+        np.asarray(dispatch.qdq(X, rounding="stochastic", key=k, hadamard=True, impl="reference")))
