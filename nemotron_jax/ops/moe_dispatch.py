@@ -67,10 +67,10 @@ def select_experts(scores_ne: jax.Array, bias_e: jax.Array, k: int, n_group: int
                    topk_group: int = 1) -> jax.Array:
     """Expert ids [.., k] = topk(s + bias), group-limited as HF NemotronH (DeepseekV3 router) when n_group > 1.
 
-    Group-limited (HF semantics, checked against transformers' DeepseekV3TopkRouter.get_topk_indices): on the
-    biased scores, group score = sum of the top-2 scores in each of the n_group contiguous groups; keep the
-    topk_group best groups; biased scores of experts in other groups are set to 0.0 (not -inf, as HF does); then
-    topk over all experts. Not differentiable (indices only).
+    Group-limited (HF semantics, transformers 5.24 modeling_nemotron_h.py): on the biased scores, group score =
+    sum of the top-2 scores in each of the n_group contiguous groups; keep the topk_group best groups; biased
+    scores of experts in other groups are set to -inf (masked_fill), so a dropped group is never chosen even when
+    the kept groups' biased scores are negative; then topk over all experts. Not differentiable (indices only).
     """
     biased = jax.lax.stop_gradient(scores_ne.astype(jnp.float32) + bias_e.astype(jnp.float32))
     e = biased.shape[-1]
@@ -81,7 +81,7 @@ def select_experts(scores_ne: jax.Array, bias_e: jax.Array, k: int, n_group: int
         _, keep_groups = jax.lax.top_k(group_scores, topk_group)  # [.., topk_group]
         group_mask = jnp.any(keep_groups[..., :, None] == jnp.arange(n_group), axis=-2)  # [.., n_group]
         expert_mask = jnp.repeat(group_mask, e // n_group, axis=-1)
-        biased = jnp.where(expert_mask, biased, 0.0)
+        biased = jnp.where(expert_mask, biased, -jnp.inf)
     _, idx = jax.lax.top_k(biased, k)
     return idx
 
