@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, the pure train step, meshes, checkpoints."""

@@ -1,0 +1,85 @@
+"""Device meshes from config data, and placing params, optimizer state and batches by the logical-axis rules."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from nemotron_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_to_spec
+
+
+class MeshConfigError(ValueError):
+    pass
+
+
+def validate_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Every axis of MESH_AXES with its size; the product must equal the device count, except that an
+    all-ones mesh means a single-device run (on the first device) whatever the count."""
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise MeshConfigError(f"config.mesh has unknown axes {unknown}; use some of {MESH_AXES}")
+    full = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    for a, n in full.items():
+        if n < 1:
+            raise MeshConfigError(f"config.mesh.{a}={n}: mesh axis sizes must be >= 1")
+    if math.prod(full.values()) not in (1, num_devices):
+        raise MeshConfigError(f"config.mesh {full} needs {math.prod(full.values())} devices but "
+                              f"{num_devices} are available; make the product of the axis sizes equal "
+                              f"the device count (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    return full
+
+
+def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
+    """A mesh with every axis of MESH_AXES (size 1 where not given); Auto axes let XLA propagate shardings."""
+    devices = jax.devices() if devices is None else devices
+    full = validate_mesh_shape(shape, len(devices))
+    devices = devices[: math.prod(full.values())]
+    arr = np.asarray(devices).reshape(tuple(full[a] for a in MESH_AXES))
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_axes(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    spec = logical_to_spec(("batch",), rules, mesh.axis_names)[0]
+    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules, mesh.axis_names))
+
+
+def _divisible_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes that do not divide their dim (tiny test models), keeping the rest of the spec."""
+    out = []
+    for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if ax is None else (ax,) if isinstance(ax, str) else tuple(ax)
+        keep = tuple(a for a in axes if dim % math.prod(mesh.shape[b] for b in axes[: axes.index(a) + 1]) == 0)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+    return PartitionSpec(*out)
+
+
+def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for an nnx.State (params or other variables) from each Variable's logical axes."""
+    def one(v):
+        axes = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+        spec = PartitionSpec() if axes is None else logical_to_spec(axes, rules, mesh.axis_names)
+        return v.replace(NamedSharding(mesh, _divisible_spec(spec, v.shape, mesh)))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def opt_state_shardings(optimizer, opt_state, params_shardings, mesh: Mesh):
+    """Optimizer-state leaves that mirror a param (Adam's mu, nu) take its sharding; the rest replicate."""
+    import optax  # noqa: PLC0415
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _, s: s, opt_state, params_shardings,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,69 @@
+"""AdamW with Nemotron 3's settings, the no-decay mask, global-norm clipping and a warmup-stable-decay schedule."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Parameter names that never get weight decay: Mamba's per-head dynamics, every norm scale, every bias.
+_NO_DECAY_NAMES = {"A_log", "D", "dt_bias", "bias", "conv_bias"}
+
+
+def _path_names(path) -> list[str]:
+    out = []
+    for k in path:
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+        out.append(str(name))
+    return out
+
+
+def decays(path) -> bool:
+    """True when the parameter at `path` takes weight decay."""
+    names = _path_names(path)
+    if names and names[-1] == "value":  # nnx.State leaves may end in the Variable's value
+        names = names[:-1]
+    if any(n in _NO_DECAY_NAMES for n in names[-1:]):
+        return False
+    # norm scales live in modules named norm / norm_f / enorm / hnorm / final_layernorm
+    return not any(n.endswith("norm") or n.endswith("norm_f") or n == "final_layernorm" for n in names[:-1])
+
+
+def weight_decay_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda p, _: decays(p), params)
+
+
+def wsd_schedule(peak_lr: float, total_steps: int, warmup_steps: int, decay_fraction: float = 0.2,
+                 min_lr_ratio: float = 0.01, decay_shape: str = "minus_sqrt") -> optax.Schedule:
+    """Linear warmup to peak, constant, then decay over the last `decay_fraction` of steps to min_lr_ratio*peak.
+
+    decay_shape "minus_sqrt" (Nemotron 3 Super: lr = min + (peak-min) * (1 - sqrt(progress))) or "linear".
+    """
+    if total_steps < 1 or warmup_steps < 0 or not 0.0 <= decay_fraction <= 1.0:
+        raise ValueError(f"wsd_schedule: bad total_steps={total_steps}, warmup_steps={warmup_steps}, "
+                         f"decay_fraction={decay_fraction}")
+    decay_steps = int(round(decay_fraction * total_steps))
+    stable_end = max(warmup_steps, total_steps - decay_steps)
+    lo = peak_lr * min_lr_ratio
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak_lr * jnp.minimum(1.0, (step + 1.0) / max(warmup_steps, 1))
+        progress = jnp.clip((step - stable_end) / max(decay_steps, 1), 0.0, 1.0)
+        shaped = 1.0 - (jnp.sqrt(progress) if decay_shape == "minus_sqrt" else progress)
+        decayed = lo + (peak_lr - lo) * shaped
+        return jnp.where(step < warmup_steps, warm, jnp.where(step < stable_end, peak_lr, decayed))
+
+    if decay_shape not in ("minus_sqrt", "linear"):
+        raise ValueError(f"decay_shape must be 'minus_sqrt' or 'linear', got {decay_shape!r}")
+    return schedule
+
+
+def make_optimizer(schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                   weight_decay: float = 0.1, clip_norm: float = 1.0) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask),
+    )
+
+
