@@ -4,8 +4,9 @@
 
 Writes to the work directory: metrics.csv (and tensorboard/ when tensorboardX is installed), checkpoints/
 (orbax; a rerun resumes from the newest good one), loss.png, sample.txt and summary.json.
-Multi-host: start the same command on every host; jax.distributed.initialize() runs first when
---multihost is given (it reads the coordinator from the environment: see README).
+Multi-host: start the same command on every host with --multihost (jax.distributed.initialize() runs first;
+on Cloud TPU and SLURM it finds its peers itself, elsewhere pass --coordinator_address, --num_processes and
+--process_id).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _CONFIG = config_flags.DEFINE_config_file("config", str(_ROOT / "configs" / "tiny.py"), "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, plot, sample)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() before anything else")
+_COORD = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0 (auto on TPU/SLURM)")
+_NPROC = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes (auto on TPU/SLURM)")
+_PID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index (auto on TPU/SLURM)")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "no progress bar (logs only)")
 
 
@@ -33,7 +37,8 @@ def main(argv) -> None:
     import jax  # noqa: PLC0415
 
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
+                                   process_id=_PID.value)
     from nemotron_jax.train.loop import train  # noqa: PLC0415
 
     summary = train(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
