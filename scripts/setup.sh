@@ -11,7 +11,8 @@ _py_ok() {  # true when "$1" runs and is Python >= 3.12
 _find_python() {
   if [ -n "${PYTHON:-}" ]; then
     if _py_ok "$PYTHON"; then echo "$PYTHON"; return 0; fi
-    echo "error: PYTHON=$PYTHON is not a working Python >= 3.12" >&2; return 1
+    echo "nemotron-jax needs Python >= 3.12, but PYTHON=$PYTHON is not one: install python3.12 (or 3.13) and point PYTHON at it" >&2
+    return 2
   fi
   local c
   for c in python3.13 python3.12; do
@@ -31,10 +32,10 @@ _find_python() {
 _stamp() { cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1; }
 
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.nemotron-stamp" 2>/dev/null)" != "$(_stamp)" ]; then
-  if ! PY="$(_find_python)"; then
-    echo "nemotron-jax needs Python >= 3.12: install python3.12 (or 3.13), or set PYTHON=/path/to/python3.12" >&2
+  PY="$(_find_python)" || {
+    [ $? -eq 2 ] || echo "nemotron-jax needs Python >= 3.12: install python3.12 (or 3.13), or set PYTHON=/path/to/python3.12" >&2
     exit 1
-  fi
+  }
   echo "[setup] creating $VENV with $PY ($("$PY" --version 2>&1)); installing nemotron-jax[test] ..." >&2
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
