@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"
     # any ModelConfig field: --config.model.overrides.hidden_size=96
-    c.model.overrides = ml_collections.ConfigDict({"dtype": "float32"})
+    c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16"})  # compute; params stay fp32 masters
 
     c.data = ml_collections.ConfigDict()
     c.data.source = ml_collections.config_dict.placeholder(str)  # None: the bundled corpus; or a .txt file / dir
