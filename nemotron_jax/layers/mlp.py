@@ -5,15 +5,11 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.common import Linear, dtype_of
-
-
-def relu2(x: jax.Array) -> jax.Array:
-    return jnp.square(jax.nn.relu(x))
+from nemotron_jax.ops.activations import relu2
 
 
 def out_proj_std(cfg: ModelConfig) -> float:

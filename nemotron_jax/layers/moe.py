@@ -18,6 +18,7 @@ from flax import nnx
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.common import Linear, dtype_of, normal_init, param
 from nemotron_jax.layers.mlp import out_proj_std
+from nemotron_jax.ops.activations import relu2
 from nemotron_jax.ops import expert_parallel as ep_ops
 from nemotron_jax.ops import moe_dispatch as md
 
@@ -84,7 +85,7 @@ class SharedExpert(nnx.Module):
         self.down_proj = Linear(s, d, axes=("mlp", "embed"), std=out_proj_std(cfg), **kw)
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        return self.down_proj(md.relu2(self.up_proj(h)))
+        return self.down_proj(relu2(self.up_proj(h)))
 
 
 class MoE(nnx.Module):

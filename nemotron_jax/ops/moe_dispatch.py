@@ -22,6 +22,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from nemotron_jax.ops.activations import relu2
+
 RaggedDot = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x_mk, w_gkn, group_sizes_g) -> y_mn
 
 
@@ -42,10 +44,6 @@ def default_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array
         return reference_ragged_dot(x_mk, w_gkn, group_sizes)
     impl = "xla" if jax.default_backend() == "cpu" else None
     return tokamax.ragged_dot(x_mk, w_gkn, group_sizes.astype(jnp.int32), implementation=impl)
-
-
-def relu2(x: jax.Array) -> jax.Array:
-    return jnp.square(jax.nn.relu(x))
 
 
 def expert_mlp(x_mi: jax.Array, w_up_eim: jax.Array, w_down_emi: jax.Array, group_sizes_e: jax.Array,
