@@ -21,7 +21,8 @@ def test_byte_tokenizer_round_trip():
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers  # a declared dependency: its absence must fail, not skip
+
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()

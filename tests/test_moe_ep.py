@@ -33,8 +33,7 @@ def cfg_for(**kw):
 
 @pytest.fixture(scope="module")
 def mesh():
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (conftest sets --xla_force_host_platform_device_count=8)")
+    assert jax.device_count() >= 8, "conftest sets --xla_force_host_platform_device_count=8"
     return jax.make_mesh((4, 2), ("expert", "data"))
 
 
@@ -142,8 +141,7 @@ def test_capacity_rule():
 def test_sharded_experts_other_meshes(shape, names):
     """Data-only mesh (per-shard dropless, no all-to-all) and expert x tensor x data (expert_mlp split over
     "tensor", partial outputs psummed) against the single-device dispatch. O(100) outputs: atol 1e-4."""
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices")
+    assert jax.device_count() >= 8, "conftest sets --xla_force_host_platform_device_count=8"
     x = jax.random.normal(jax.random.key(0), (32, 8))
     gates, idx = md.route(jax.nn.sigmoid(jax.random.normal(jax.random.key(1), (32, 8))), jnp.zeros(8), k=2)
     up = jax.random.normal(jax.random.key(2), (8, 8, 6))
