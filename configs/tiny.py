@@ -10,7 +10,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.steps = 1200
+    c.steps = 2000
     c.precision = "bf16"  # or "nvfp4": the NVFP4 recipe and precision policy
 
     c.model = ml_collections.ConfigDict()
@@ -40,9 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
 
     c.log_every = 10
-    c.eval_every = 200
+    c.eval_every = 250
     c.eval_batches = 8
-    c.ckpt_every = 200
+    c.ckpt_every = 250
     c.ckpt_keep = 3
 
     c.sample = ml_collections.ConfigDict()

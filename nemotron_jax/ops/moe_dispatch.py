@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax.ops.activations import relu2
+from nemotron_jax.ops.grouped_gemm import blocked_fits, blocked_ragged_dot
 
 RaggedDot = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x_mk, w_gkn, group_sizes_g) -> y_mn
 
@@ -34,16 +35,22 @@ def reference_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Arr
 
 
 def default_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """tokamax.ragged_dot (Mosaic kernel on Hopper, its XLA path on CPU); jax.lax.ragged_dot if tokamax is absent.
+    """The grouped GEMM of the routed experts, by backend.
 
-    Same signature as the NVFP4 replacement a precision policy may install on `RoutedExperts.ragged_dot`.
+    CPU: the tiled `blocked_ragged_dot` (about 5x faster than ragged_dot's CPU lowering, fwd+bwd) while its
+    gathered weight copy is small, else tokamax's XLA path. GPU/TPU: `tokamax.ragged_dot` (Mosaic kernel on
+    Hopper); jax.lax.ragged_dot if tokamax is absent. Same signature as the NVFP4 replacement a precision
+    policy may install on `RoutedExperts.ragged_dot`.
     """
+    on_cpu = jax.default_backend() == "cpu"
+    (m, k), (g, _, n) = x_mk.shape, w_gkn.shape
+    if on_cpu and blocked_fits(m, g, k, n, jnp.dtype(w_gkn.dtype).itemsize):
+        return blocked_ragged_dot(x_mk, w_gkn, group_sizes)
     try:
         import tokamax
     except ImportError:  # e.g. the GPU machine ships without tokamax
         return reference_ragged_dot(x_mk, w_gkn, group_sizes)
-    impl = "xla" if jax.default_backend() == "cpu" else None
-    return tokamax.ragged_dot(x_mk, w_gkn, group_sizes.astype(jnp.int32), implementation=impl)
+    return tokamax.ragged_dot(x_mk, w_gkn, group_sizes.astype(jnp.int32), implementation="xla" if on_cpu else None)
 
 
 def expert_mlp(x_mi: jax.Array, w_up_eim: jax.Array, w_down_emi: jax.Array, group_sizes_e: jax.Array,
