@@ -48,7 +48,7 @@ def _tail_mean(rows, key, frac=0.1):
     return sum(vals[-n:]) / n
 
 
-def _reading(results) -> str:
+def _reading(results, base) -> str:
     """A few measured sentences that tell the reader how large a gap is worth noticing."""
     ref = results["bf16"]["val"]
     lines = ["Reading:", ""]
@@ -62,14 +62,14 @@ def _reading(results) -> str:
         gap = (results["nvfp4"]["val"] - ref) / ref
         lines.append(f"- The full NVFP4 recipe ends {gap:+.2%} from BF16 on validation. The papers report under 1% "
                      f"at scale (8B-12B active parameters, 1T+ tokens); this model is far smaller and far shorter-"
-                     f"trained, and its NVFP4 layers are a larger share of a 6-layer stack.")
+                     f"trained, and its NVFP4 layers are a larger share of its few layers.")
     abl = {k: v for k, v in results.items() if k.startswith("nvfp4 -")}
     if abl:
         vals = [(v["val"] - ref) / ref for v in abl.values()]
         lines.append(f"- The ablations (one recipe element off) land between {min(vals):+.2%} and {max(vals):+.2%} on "
                      f"validation, and their paired train-gap curves stay close to the full recipe's throughout: one "
-                     f"seed of a 600-step run of a 287K-parameter model cannot rank the recipe elements; that needs "
-                     f"longer runs of a larger model over several seeds.")
+                     f"seed of a {base.steps}-step run of the `{base.model.preset}` preset cannot rank the recipe "
+                     f"elements; that needs longer runs of a larger model over several seeds.")
     return "\n".join(lines)
 
 
@@ -170,7 +170,7 @@ def main(argv) -> None:
                    f"nothing, the NVFP4 runs apply the "
                    f"recipe and precision policy of spec section 4 (MXFP8 Mamba out_proj, last 15% of layers, "
                    f"attention, router, latent projections, MTP, embeddings and LM head in high precision).\n\n"
-                   f"{table}\n\n![loss curves](nvfp4_vs_bf16.png)\n\n{_reading(results)}\n")
+                   f"{table}\n\n![loss curves](nvfp4_vs_bf16.png)\n\n{_reading(results, base)}\n")
         doc = _ROOT / "docs" / "experiments.md"
         text = doc.read_text() if doc.exists() else "# Experiments\n\n"
         if "## NVFP4 vs BF16" in text:

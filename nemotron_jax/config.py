@@ -58,7 +58,9 @@ class ModelConfig:
     # Clamp on softplus(dt + dt_bias). Training (Megatron) uses (0, inf); HF 5.24 parity needs (1e-3, inf).
     time_step_limit: tuple[float, float] = (0.0, math.inf)
     mamba_ssm_cache_dtype: str = "float32"
-    ssd_impl: str = "auto"  # nemotron_jax.ops.ssd implementation: auto = Pallas kernel on GPU where supported
+    # nemotron_jax.ops.ssd implementation. "auto" (Pallas kernel on GPU where supported) becomes the default once
+    # benchmarks/gpu_ssd.py has validated the compiled kernel on a GPU; until then the chunked jnp op.
+    ssd_impl: str = "chunked"
 
     # --- MoE ('E') ---
     n_routed_experts: int = 128
@@ -157,6 +159,9 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(name, "must be a non-negative integer", "set it to an int >= 0 (0 turns it off)")
+        if self.n_shared_experts > 1:
+            bad("n_shared_experts", "only one shared expert MLP is built",
+                "use 1 and give it the combined width in moe_shared_expert_intermediate_size (Nemotron 3 does)")
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_key_value_heads", f"num_attention_heads={self.num_attention_heads} is not divisible by it",
                 "pick a divisor of num_attention_heads (GQA shares each KV head over a whole group)")

@@ -14,6 +14,7 @@ from flax import nnx
 
 from nemotron_jax.config import LAYER_TYPES, PRESETS, ModelConfig
 from nemotron_jax.model import abstract_model
+from nemotron_jax.quant.policy import format_precision_table, precision_table
 
 
 def _size(tree) -> int:
@@ -99,21 +100,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = ModelConfig.preset(args.preset)
     info = count_params(cfg)
-    extra = None
-    try:
-        from nemotron_jax.quant.policy import format_precision_table, precision_table  # noqa: PLC0415
-        extra = (precision_table, format_precision_table)
-    except ImportError:
-        pass
     if args.json:
-        if extra is not None:
-            info["precision_nvfp4"] = extra[0](cfg.replace(precision="nvfp4"))
+        info["precision_nvfp4"] = precision_table(cfg.replace(precision="nvfp4"))
         print(json.dumps(info, indent=1, default=str))
     else:
         print(format_report(args.preset, info, show_layers=not args.no_layers))
-        if extra is not None:
-            print("\nprecision under precision='nvfp4':")
-            print(extra[1](cfg.replace(precision="nvfp4")))
+        print("\nprecision under precision='nvfp4':")
+        print(format_precision_table(cfg.replace(precision="nvfp4")))
 
 
 if __name__ == "__main__":

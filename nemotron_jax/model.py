@@ -39,8 +39,10 @@ class NemotronModel(nnx.Module):
         self.layers = nnx.List([Block(cfg, ch, rngs=rngs, layer_idx=i)
                                 for i, ch in enumerate(cfg.hybrid_override_pattern)])
         self.norm_f = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        # fp32 whatever the compute dtype: its wgrad reduces over every token (and MTP depth), and Nemotron 3
+        # Ultra diverged when that reduction ran in bf16 and lost the small MTP contributions (spec section 3).
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs,
-                              std=cfg.initializer_range, dtype=dtype_of(cfg.dtype), param_dtype=pdt)
+                              std=cfg.initializer_range, dtype=jnp.float32, param_dtype=pdt)
         if cfg.mtp_enabled:
             from nemotron_jax.layers.mtp import MTPBlock  # noqa: PLC0415
             self.mtp = MTPBlock(cfg, rngs=rngs)

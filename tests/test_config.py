@@ -52,6 +52,7 @@ def test_frozen_and_replace():
     (dict(num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*Q"), "mtp_hybrid_override_pattern", "'Q'"),
     (dict(mlp_hidden_act="gelu"), "mlp_hidden_act", "squared ReLU"),
     (dict(nvfp4_bf16_last_fraction=1.5), "nvfp4_bf16_last_fraction", "[0, 1]"),
+    (dict(n_shared_experts=2), "n_shared_experts", "only one shared expert"),
 ])
 def test_validation_names_field_and_fix(overrides, field, words):
     with pytest.raises(ConfigError) as e:

@@ -83,6 +83,11 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     steps = [s for s, _ in _losses(tmp_path)]
     assert steps == list(range(1, 8))  # resumed from step 3, rewrote 4..7
     assert any((tmp_path / "checkpoints.corrupt").iterdir())  # the bad step is kept aside, not deleted
+    # a changed model cannot restore any checkpoint: that must stop the run, not restart it from step 0
+    exp.model.overrides.hidden_size = 96
+    with pytest.raises(RuntimeError, match="no checkpoint .* could be restored"):
+        train(exp, tmp_path, progress=False)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6, 7]
 
 
 def test_mesh_training_matches_single_device(tmp_path):
@@ -123,3 +128,5 @@ def test_unknown_config_key_is_rejected(tmp_path):
 def test_unknown_model_override_is_rejected():
     with pytest.raises(ConfigError, match="unknown ModelConfig field"):
         check_config(small_exp(**{"model.overrides": {"hidden_sise": 32}}))
+    with pytest.raises(ConfigError, match="set config.precision instead"):
+        check_config(small_exp(**{"model.overrides": {"precision": "nvfp4"}}))

@@ -17,8 +17,7 @@ from flax import nnx
 
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.common import Linear, dtype_of, normal_init, param
-from nemotron_jax.layers.mlp import out_proj_std
-from nemotron_jax.ops.activations import relu2
+from nemotron_jax.layers.mlp import MLP, out_proj_std
 from nemotron_jax.ops import expert_parallel as ep_ops
 from nemotron_jax.ops import moe_dispatch as md
 
@@ -57,7 +56,7 @@ class Router(nnx.Module):
 class RoutedExperts(nnx.Module):
     """Stacked non-gated relu^2 experts: up_proj [e, i, m], down_proj [e, m, i] (i = latent size or d).
 
-    `ragged_dot` is the precision-policy hook: fn(x_mk, w_gkn, group_sizes_g) -> y_mn (None: tokamax / XLA).
+    `ragged_dot` is the precision-policy hook: fn(x_mk, w_gkn, group_sizes_g) -> y_mn (None: `moe_dispatch.default_ragged_dot`).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -75,19 +74,6 @@ class RoutedExperts(nnx.Module):
         return self.ragged_dot if self.ragged_dot is not None else md.default_ragged_dot
 
 
-class SharedExpert(nnx.Module):
-    """Always-on relu^2 MLP on the full-width h: up_proj (embed, mlp), down_proj (mlp, embed)."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, s = cfg.hidden_size, cfg.moe_shared_expert_intermediate_size
-        kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
-        self.up_proj = Linear(d, s, axes=("embed", "mlp"), std=cfg.initializer_range, **kw)
-        self.down_proj = Linear(s, d, axes=("mlp", "embed"), std=out_proj_std(cfg), **kw)
-
-    def __call__(self, h: jax.Array) -> jax.Array:
-        return self.down_proj(relu2(self.up_proj(h)))
-
-
 class MoE(nnx.Module):
     """Routed (optionally latent) experts + shared expert. `layer_idx` keys this layer's bias update.
 
@@ -103,7 +89,9 @@ class MoE(nnx.Module):
         self.gate = Router(cfg, rngs=rngs)
         self.experts = RoutedExperts(cfg, rngs=rngs)
         has_shared = cfg.n_shared_experts > 0 and cfg.moe_shared_expert_intermediate_size > 0
-        self.shared_experts = SharedExpert(cfg, rngs=rngs) if has_shared else None
+        # the shared expert is a dense relu^2 MLP on the full-width h
+        self.shared_experts = (MLP(cfg, rngs=rngs, intermediate_size=cfg.moe_shared_expert_intermediate_size)
+                               if has_shared else None)
         if cfg.moe_latent_size is not None:
             d, lat = cfg.hidden_size, cfg.moe_latent_size
             self.fc1_latent_proj = Linear(d, lat, axes=("embed", "latent"), std=cfg.initializer_range, **kw)
@@ -118,8 +106,8 @@ class MoE(nnx.Module):
 
     def __call__(self, h_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
-        b, t, d = h_btd.shape
-        k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
+        b, t, _ = h_btd.shape
+        k = cfg.num_experts_per_tok
         gates_btk, idx_btk, scores_bte = self.gate(h_btd)
         aux_loss = cfg.moe_aux_loss_coeff * md.sequence_aux_loss(scores_bte, k)
 

@@ -24,11 +24,15 @@ def _flat(tree) -> dict[str, Any]:
     return {jax.tree_util.keystr(p): x for p, x in leaves}
 
 
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint that does not fit the current train state (another model config)."""
+
+
 def _unflat(flat: dict[str, Any], template):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     missing = [jax.tree_util.keystr(p) for p, _ in leaves if jax.tree_util.keystr(p) not in flat]
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} entries of the current train state, e.g. {missing[:3]}; "
+        raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} entries of the current train state, e.g. {missing[:3]}; "
                          f"was it written by a different model config?")
     return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in leaves])
 
@@ -56,8 +60,11 @@ class Checkpointer:
     def restore_latest(self, template) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) from the newest checkpoint that restores; None when there is none.
 
-        A checkpoint that fails to restore (partial, corrupt, wrong shapes) is reported, skipped, and moved
-        aside to `<directory>.corrupt/<step>` (kept for inspection) so the resumed run can write that step anew.
+        A checkpoint that fails to read (partial, corrupt) is reported and skipped; once an older one restores,
+        the skipped ones are moved aside to `<directory>.corrupt/` (kept for inspection) so the run can write
+        those steps anew. A checkpoint that reads but does not fit the current state (another model config)
+        raises CheckpointMismatchError, and so does a directory where no checkpoint restores: neither should
+        silently restart a run from step 0.
         """
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
                                 _flat(template))
@@ -67,16 +74,19 @@ class Checkpointer:
                 got = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore()))
-                state = _unflat(dict(got["state"]), template)
-                self._set_aside(bad)
-                return step, state, dict(got["data"] or {}), dict(got["meta"] or {})
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
                 msg = (f"checkpoint step {step} in {self.directory} could not be restored "
                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to the previous one")
                 log.warning(msg)
                 print(f"WARNING: {msg}", flush=True)
                 bad.append(step)
-        self._set_aside(bad)
+                continue
+            state = _unflat(dict(got["state"]), template)
+            self._set_aside(bad)
+            return step, state, dict(got["data"] or {}), dict(got["meta"] or {})
+        if bad:
+            raise RuntimeError(f"no checkpoint in {self.directory} could be restored (steps {sorted(bad)}); "
+                               f"move the directory away to start afresh")
         return None
 
     def _set_aside(self, steps: list[int]) -> None:

@@ -131,13 +131,17 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def _ftz_fraction(params, cfg) -> float:
-    """Mean flush-to-zero fraction (NVFP4, 1x16) over the 2-D+ weights the policy runs in NVFP4."""
-    from nemotron_jax.quant.diagnostics import tree_quant_stats  # noqa: PLC0415
+def _ftz_fraction(params, nvfp4_linears: list[str]) -> float:
+    """Mean flush-to-zero fraction of the weights the precision policy runs in NVFP4, quantized as the forward
+    pass does (16x16 tiles; zero padding to whole tiles adds no non-zero values, so it changes nothing)."""
+    from nemotron_jax.quant.diagnostics import quant_stats  # noqa: PLC0415
 
-    stats = tree_quant_stats(params, fmt="nvfp4", block=(1, 16))
-    fr = [s["ftz"] for name, s in stats.items()
-          if "lm_head" not in name and "embeddings" not in name and "norm" not in name]
+    fr = []
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        if x.ndim >= 2 and any(name.startswith(p + ".") for p in nvfp4_linears):
+            pad = [(0, 0)] * (x.ndim - 2) + [(0, (-s) % 16) for s in x.shape[-2:]]
+            fr.append(quant_stats(jnp.pad(jnp.asarray(x), pad), fmt="nvfp4", block=(16, 16))["ftz"])
     return float(np.mean(fr)) if fr else 0.0
 
 
@@ -159,6 +163,10 @@ def train(exp, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str
                                clip_norm=exp.optim.clip_norm)
     with jax.set_mesh(mesh):
         model = M.init_model(cfg, seed=exp.seed)
+    nvfp4_linears = []
+    if cfg.precision == "nvfp4":
+        from nemotron_jax.layers.precision import apply_precision_policy  # noqa: PLC0415
+        nvfp4_linears = [name for name, fmt in apply_precision_policy(model) if fmt == "nvfp4"]
     graphdef, state = init_train_state(model, optimizer, exp.seed)
     del model
     p_sh = mesh_lib.state_shardings(state.params, mesh)
@@ -235,7 +243,7 @@ def train(exp, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str
             row = row or {"step": step}
             row["val_loss"] = val_loss
             if cfg.precision == "nvfp4":
-                row["nvfp4_ftz_fraction"] = _ftz_fraction(jax.device_get(state.params), cfg)
+                row["nvfp4_ftz_fraction"] = _ftz_fraction(jax.device_get(state.params), nvfp4_linears)
         if row is not None:
             log.write(row)
             if bar is not None:
