@@ -154,7 +154,8 @@ def main(argv=None):
     best = dict(block_p=32, num_warps=4, precision=HI)   # edit after reading the fwd table
     loss = {
         "chunked": lambda *z: jnp.sum(ssd(*z, chunk_size=L, impl="chunked").astype(jnp.float32) ** 2),
-        "pallas": lambda *z: jnp.sum(kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, **best)[0]
+        "pallas": lambda *z: jnp.sum(kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, **best,
+                                                       reference=ssd_mod.ssd_chunked)[0]
                                      .astype(jnp.float32) ** 2),
     }
     row = dict(T=t)

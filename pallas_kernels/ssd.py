@@ -1,7 +1,9 @@
-"""Pallas kernel for the Mamba-2 SSD chunked scan (forward), with a chunked-jnp backward.
+"""Pallas kernel for the Mamba-2 SSD chunked scan (forward); the backward is the VJP of a jnp op passed in.
 
 Public entry: ``nemotron_jax.ops.ssd.ssd(..., impl="pallas" | "auto")``. Here: `supports`,
-`ssd_pallas` (the custom_vjp op) and the kernel.
+`ssd_pallas` (kernel forward; differentiable when given a ``reference`` op) and the kernel. Like every
+kernel here it knows arrays only: the chunked jnp op it differentiates through is handed in by
+``nemotron_jax.ops.ssd``, not imported.
 
 Backend choice
 --------------
@@ -42,8 +44,8 @@ Triton default for fp32 is TF32).
 
 Backward
 --------
-``jax.custom_vjp`` whose backward is ``jax.vjp`` of the chunked jnp op (recomputing its forward
-from the saved inputs). Chosen over a Pallas backward because (a) it is exact by construction
+``jax.custom_vjp`` whose backward is ``jax.vjp`` of the ``reference`` op (the chunked jnp op,
+recomputing its forward from the saved inputs). Chosen over a Pallas backward because (a) it is exact by construction
 (the chunked op is tested against the oracle, including gradients), (b) it is XLA-fused O(T)
 work, and (c) a hand-written backward (dx, dB, dC, ddt, dA via reverse state pass) is a large
 kernel whose GPU lowering could not be tested here. Cost: training recomputes the forward once
@@ -60,7 +62,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from nemotron_jax.ops.ssd_chunked import ssd_chunked
 
 f32 = jnp.float32
 
@@ -200,23 +201,23 @@ def _forward(x, dt, A, B, C, s0, run_ids, cfg: KernelConfig):
     return y[:, :t], S
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ssd_pallas(x, dt, A, B, C, s0, run_ids, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _ssd_pallas(x, dt, A, B, C, s0, run_ids, cfg, reference):
     return _forward(x, dt, A, B, C, s0, run_ids, cfg)
 
 
-def _ssd_pallas_fwd(x, dt, A, B, C, s0, run_ids, cfg):
+def _ssd_pallas_fwd(x, dt, A, B, C, s0, run_ids, cfg, reference):
     return _forward(x, dt, A, B, C, s0, run_ids, cfg), (x, dt, A, B, C, s0, run_ids)
 
 
-def _ssd_pallas_bwd(cfg, res, cts):
-    """Backward = VJP of the chunked jnp op, recomputing its forward from the saved inputs."""
+def _ssd_pallas_bwd(cfg, reference, res, cts):
+    """Backward = VJP of the reference op, recomputing its forward from the saved inputs."""
     x, dt, A, B, C, s0, run_ids = res
 
-    def chunked(x, dt, A, B, C, s0):
-        return ssd_chunked(x, dt, A, B, C, cfg.chunk_size, s0, run_ids)
+    def ref(x, dt, A, B, C, s0):
+        return reference(x, dt, A, B, C, cfg.chunk_size, s0, run_ids)
 
-    _, vjp = jax.vjp(chunked, x, dt, A, B, C, s0)
+    _, vjp = jax.vjp(ref, x, dt, A, B, C, s0)
     return (*vjp(cts), None)   # no cotangent for the integer run ids
 
 
@@ -226,14 +227,18 @@ _ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
 def ssd_pallas(x, dt, A, B, C, *, chunk_size: int, initial_state=None, run_ids=None,
                interpret: bool | None = None, block_p: int | None = None,
                precision=lax.Precision.HIGHEST, num_warps: int | None = None,
-               num_stages: int | None = None):
-    """Kernel forward + chunked-jnp backward. Inputs as `nemotron_jax.ops.ssd.ssd` (validated there);
-    ``run_ids`` from `segment_runs`. ``interpret=None`` means True unless the default backend is GPU.
-    The remaining options are `KernelConfig`'s. Returns (y, final_state)."""
+               num_stages: int | None = None, reference=None):
+    """Kernel forward. Inputs as `nemotron_jax.ops.ssd.ssd` (validated there); ``run_ids`` from
+    `segment_runs`. ``interpret=None`` means True unless the default backend is GPU. ``reference``:
+    ``fn(x, dt, A, B, C, chunk_size, s0, run_ids) -> (y, state)``, a differentiable jnp op whose VJP is
+    the backward (None: forward only, no autodiff). The remaining options are `KernelConfig`'s.
+    Returns (y, final_state)."""
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
     b, t, h, p = x.shape
     n = B.shape[3]
     s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state
     cfg = KernelConfig(chunk_size, bool(interpret), block_p, precision, num_warps, num_stages)
-    return _ssd_pallas(x, dt, A, B, C, s0, run_ids, cfg)
+    if reference is None:
+        return _forward(x, dt, A, B, C, s0, run_ids, cfg)
+    return _ssd_pallas(x, dt, A, B, C, s0, run_ids, cfg, reference)

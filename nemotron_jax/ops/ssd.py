@@ -104,5 +104,5 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, initial_state=None, return_final_sta
                 f"chunk_size={chunk_size}, dtype {jnp.result_type(x)} ({kernel.SUPPORTED}); "
                 f"use impl='auto' to fall back to the chunked op")
         y, state = kernel.ssd_pallas(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state,
-                                     run_ids=run_ids, interpret=interpret)
+                                     run_ids=run_ids, interpret=interpret, reference=ssd_chunked)
     return (y, state) if return_final_state else y
