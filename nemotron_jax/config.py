@@ -11,7 +11,7 @@ from typing import Any
 
 LAYER_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 _COMPUTE_DTYPES = ("float32", "bfloat16")
-_SSD_IMPLS = ("reference", "chunked", "pallas", "auto")
+SSD_IMPLS = ("reference", "chunked", "pallas", "auto")
 _PRECISIONS = ("bf16", "nvfp4")
 
 
@@ -194,8 +194,8 @@ class ModelConfig:
         if self.nvfp4_bf16_last_layers is not None and not 0 <= self.nvfp4_bf16_last_layers <= self.num_hidden_layers:
             bad("nvfp4_bf16_last_layers", f"must lie in [0, num_hidden_layers={self.num_hidden_layers}] or be None",
                 "use None to apply nvfp4_bf16_last_fraction")
-        if self.ssd_impl not in _SSD_IMPLS:
-            bad("ssd_impl", "unknown SSD implementation", f"use one of {_SSD_IMPLS}")
+        if self.ssd_impl not in SSD_IMPLS:
+            bad("ssd_impl", "unknown SSD implementation", f"use one of {SSD_IMPLS}")
         lo, hi = self.time_step_limit
         if not (0.0 <= lo < hi):
             bad("time_step_limit", "needs 0 <= low < high", "use (0.0, inf) for training or (1e-3, inf) for HF parity")

@@ -32,9 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nemotron_jax.config import SSD_IMPLS as IMPLS  # one list for the op and the config
 from nemotron_jax.ops.ssd_chunked import segment_runs, ssd_chunked, ssd_reference
-
-IMPLS = ("reference", "chunked", "pallas", "auto")
 
 __all__ = ["ssd", "IMPLS", "ssd_reference", "ssd_chunked", "segment_runs"]
 

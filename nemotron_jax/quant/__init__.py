@@ -12,9 +12,9 @@ from nemotron_jax.quant import diagnostics, dispatch, mxfp8, nvfp4, policy, reci
 from nemotron_jax.quant.dispatch import qdq
 from nemotron_jax.quant.nvfp4 import NVFP4Tensor, dequantize, quantize
 from nemotron_jax.quant.policy import format_precision_table, linear_format, precision_table
-from nemotron_jax.quant.recipe import (NVFP4Recipe, matmul_for, mxfp8_matmul, nvfp4_matmul, nvfp4_ragged_dot,
+from nemotron_jax.quant.recipe import (NVFP4Recipe, mxfp8_matmul, nvfp4_matmul, nvfp4_ragged_dot,
                                        quantizer_key)
 
 __all__ = ["NVFP4Recipe", "NVFP4Tensor", "dequantize", "diagnostics", "dispatch", "format_precision_table",
-           "linear_format", "matmul_for", "mxfp8", "mxfp8_matmul", "nvfp4", "nvfp4_matmul", "nvfp4_ragged_dot",
+           "linear_format", "mxfp8", "mxfp8_matmul", "nvfp4", "nvfp4_matmul", "nvfp4_ragged_dot",
            "policy", "precision_table", "qdq", "quantize", "quantizer_key", "recipe"]

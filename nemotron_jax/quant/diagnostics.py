@@ -33,8 +33,7 @@ def quant_stats(x: jax.Array, *, fmt: str = "nvfp4", block=(1, 16)) -> dict[str,
     """{"ftz": ..., "rel_err": ...} for one array (raises for shapes the format cannot block)."""
     x = jnp.asarray(x, jnp.float32)
     xq = _qdq(x, fmt, tuple(block))
-    nz = x != 0
-    ftz = jnp.sum(nz & (xq == 0)) / jnp.maximum(jnp.sum(nz), 1)
+    ftz = nvfp4.flush_to_zero_fraction(x, xq)
     norm = jnp.linalg.norm(x.ravel())
     rel = jnp.where(norm > 0, jnp.linalg.norm((xq - x).ravel()) / jnp.where(norm > 0, norm, 1.0), 0.0)
     return {"ftz": float(ftz), "rel_err": float(rel)}

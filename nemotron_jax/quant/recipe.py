@@ -273,14 +273,3 @@ def mxfp8_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     _check_mult("K (w.shape[0])", w.shape[0], 32)
     _check_mult("N (w.shape[1])", w.shape[1], 32)
     return _mxfp8_matmul(x, w)
-
-
-def matmul_for(fmt: str, *, key: jax.Array | None = None, recipe: NVFP4Recipe = NVFP4Recipe()):
-    """The ``matmul(x, w)`` hook for Linear for a policy format: None for "bf16" (plain einsum)."""
-    if fmt == "bf16":
-        return None
-    if fmt == "nvfp4":
-        return lambda x, w: nvfp4_matmul(x, w, key, recipe)
-    if fmt == "mxfp8":
-        return mxfp8_matmul
-    raise ValueError(f"unknown format {fmt!r}: use 'bf16', 'nvfp4' or 'mxfp8'")
