@@ -1,30 +1,30 @@
-"""Pallas kernel for the Mamba-2 SSD chunked scan (forward); the backward is the VJP of a jnp op passed in.
+"""Pallas kernels for the Mamba-2 SSD chunked scan (forward); the backward is the VJP of a jnp op passed in.
 
-Public entry: ``nemotron_jax.ops.ssd.ssd(..., impl="pallas" | "auto")``. Here: `supports`,
-`ssd_pallas` (kernel forward; differentiable when given a ``reference`` op) and the kernel. Like every
-kernel here it knows arrays only: the chunked jnp op it differentiates through is handed in by
-``nemotron_jax.ops.ssd``, not imported.
+Public entry: ``nemotron_jax.ops.ssd.ssd(..., impl="pallas" | "auto")``. Here: `backend_for`,
+`supports`, `ssd_pallas` (kernel forward; differentiable when given a ``reference`` op) and the
+portable kernel. Like every kernel here they know arrays only: the chunked jnp op they
+differentiate through is handed in by ``nemotron_jax.ops.ssd``, not imported.
 
-Backend choice
---------------
-The kernel is written against the *portable* Pallas surface only: ``pl.pallas_call`` with a
-grid and ``BlockSpec``s, ``pl.ds`` ref slices, ``lax.fori_loop``, ``lax.dot_general`` and
-elementwise jnp. No Mosaic GPU primitives (TMA, barriers, wgmma, ``plgpu.kernel``) and no
-Triton-only primitives (atomics, masked ``plt.load``). That one body
+Two backends
+------------
+``"mosaic_gpu"`` (`ssd_mosaic.py`): the JAX-recommended GPU backend (wgmma, TMA, barriers). It
+covers the Nemotron 3 shapes (p = 64, n in {64, 128}, bf16/f16) and is what ``impl="auto"`` picks
+on a GPU. Off GPU it runs under Mosaic GPU's CPU interpreter, which the tests use (with its race
+detector on) against the token-by-token oracle; its lowering to Mosaic GPU IR is checked in the
+tests by cross-lowering for CUDA without a GPU.
 
-  * runs under ``interpret=True`` on CPU, which is how the tests check it against the oracle
-    (Mosaic GPU kernels cannot run under the CPU interpreter), and
-  * lowers on GPU through ``pallas_call``'s default GPU path, the Triton backend (deprecated
-    since JAX 0.11 but present in 0.11.2 on the H200 machine and in 0.12).
+``"portable"`` (this file): the portable Pallas surface only (``pl.pallas_call`` with a grid and
+``BlockSpec``s, ``pl.ds`` slices, ``lax.fori_loop``, ``lax.dot_general``, elementwise jnp). It runs
+under ``interpret=True`` on CPU, serves every dtype (fp32 included: tested at fp32 tolerances) and
+power-of-two tile sizes, and on a GPU lowers through Pallas' Triton backend (deprecated since JAX
+0.11), so ``impl="auto"`` never picks it on a GPU; ``impl="pallas"`` uses it where the Mosaic GPU
+kernel does not apply.
 
-The JAX-recommended GPU backend is Mosaic GPU. A Mosaic GPU (wgmma/TMA) port of this kernel
-cannot be verified on the CPU-only machines this project is developed on, so it is left for a
-session with a GPU; it would keep this kernel as its interpreted twin and be gated by the same
-`supports`. Until ``benchmarks/gpu_ssd.py`` has been run, GPU lowering is untested: the code
-sticks to shapes that Triton accepts (all loaded tiles power-of-two sized, dot dims >= 16).
+Until ``benchmarks/gpu_ssd.py`` has been run on a GPU, neither kernel has been compiled to PTX:
+the model's default stays the chunked op.
 
-Kernel layout
--------------
+Portable kernel layout
+----------------------
 Grid ``(b, h, p // block_p)``; each program owns one (batch row, head, slice of p) and walks
 the chunks sequentially with the state ``S [block_p, n]`` (fp32) carried in the loop, so the
 inter-chunk state pass needs no second kernel and no HBM round trip. Per chunk (length L):
@@ -42,8 +42,8 @@ B/C of group ``head // (h // g)`` are read by the index map
 (no repeat in HBM). Matmuls use ``precision`` (default HIGHEST: IEEE fp32 on GPU, since the
 Triton default for fp32 is TF32).
 
-Backward
---------
+Backward (both backends)
+------------------------
 ``jax.custom_vjp`` whose backward is ``jax.vjp`` of the ``reference`` op (the chunked jnp op,
 recomputing its forward from the saved inputs). Chosen over a Pallas backward because (a) it is exact by construction
 (the chunked op is tested against the oracle, including gradients), (b) it is XLA-fused O(T)
@@ -65,8 +65,11 @@ from jax.experimental import pallas as pl
 
 f32 = jnp.float32
 
-SUPPORTED = ("chunk_size, head dim p and state dim n powers of two in [16, 256]; "
-             "dtype float32, bfloat16 or float16; h divisible by g")
+from pallas_kernels import ssd_mosaic
+
+BACKENDS = ("mosaic_gpu", "portable")
+SUPPORTED = (f"Mosaic GPU: {ssd_mosaic.SUPPORTED}; portable: chunk_size, head dim p and state dim n "
+             "powers of two in [16, 256], dtype float32, bfloat16 or float16, h divisible by g")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -74,12 +77,22 @@ def _pow2_in(v: int, lo: int = 16, hi: int = 256) -> bool:
     return lo <= v <= hi and (v & (v - 1)) == 0
 
 
-def supports(x_shape, B_shape, *, chunk_size: int, dtype) -> bool:
-    """True when the kernel handles x [b,t,h,p], B/C [b,t,g,n], this chunk size and x dtype.
+def backend_for(x_shape, B_shape, *, chunk_size: int, dtype) -> str | None:
+    """The backend `ssd_pallas` uses for these shapes: "mosaic_gpu" where it applies, else
+    "portable" where that applies, else None."""
+    if ssd_mosaic.supports(x_shape, B_shape, dtype=dtype):
+        return "mosaic_gpu"
+    return "portable" if supports_portable(x_shape, B_shape, chunk_size=chunk_size, dtype=dtype) else None
 
-    Any T is fine (padded to a multiple of the chunk). Tile sizes must be powers of two with
-    matmul dims >= 16 (Triton's constraints).
-    """
+
+def supports(x_shape, B_shape, *, chunk_size: int, dtype) -> bool:
+    """True when one of the two kernels handles x [b,t,h,p], B/C [b,t,g,n], chunk size and dtype."""
+    return backend_for(x_shape, B_shape, chunk_size=chunk_size, dtype=dtype) is not None
+
+
+def supports_portable(x_shape, B_shape, *, chunk_size: int, dtype) -> bool:
+    """The portable kernel: any T (padded to a multiple of the chunk); tile sizes powers of two
+    with matmul dims >= 16 (Triton's constraints)."""
     try:
         b, t, h, p = x_shape
         _, _, g, n = B_shape
@@ -137,7 +150,9 @@ def _kernel(x_ref, dt_ref, dA_ref, B_ref, C_ref, runs_ref, s0_ref, y_ref, sf_ref
 class KernelConfig(NamedTuple):
     """Static launch options (hashable: the custom_vjp's non-differentiable argument)."""
     chunk_size: int
-    interpret: bool
+    interpret: object                   # bool, or a plgpu.InterpretGPUParams for "mosaic_gpu"
+    backend: str = "portable"           # one of BACKENDS
+    # the rest: portable backend only
     block_p: int | None = None          # p-slice per program (None: all of p); must divide p
     precision: lax.Precision = lax.Precision.HIGHEST   # in-kernel dots; DEFAULT = TF32 on GPU
     num_warps: int | None = None        # Triton launch options (None: Pallas defaults)
@@ -153,7 +168,13 @@ def _triton_params(cfg: KernelConfig):
 
 
 def _forward(x, dt, A, B, C, s0, run_ids, cfg: KernelConfig):
-    """Pad T, launch the kernel, slice. Returns (y [b,t,h,p] x.dtype, S [b,h,p,n] fp32)."""
+    if cfg.backend == "mosaic_gpu":
+        return ssd_mosaic.forward(x, dt, A, B, C, s0, run_ids, interpret=cfg.interpret)
+    return _forward_portable(x, dt, A, B, C, s0, run_ids, cfg)
+
+
+def _forward_portable(x, dt, A, B, C, s0, run_ids, cfg: KernelConfig):
+    """Pad T, launch the portable kernel, slice. Returns (y [b,t,h,p] x.dtype, S [b,h,p,n] fp32)."""
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r, L = h // g, cfg.chunk_size
@@ -225,20 +246,34 @@ _ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
 
 
 def ssd_pallas(x, dt, A, B, C, *, chunk_size: int, initial_state=None, run_ids=None,
-               interpret: bool | None = None, block_p: int | None = None,
+               interpret=None, backend: str | None = None, block_p: int | None = None,
                precision=lax.Precision.HIGHEST, num_warps: int | None = None,
                num_stages: int | None = None, reference=None):
     """Kernel forward. Inputs as `nemotron_jax.ops.ssd.ssd` (validated there); ``run_ids`` from
-    `segment_runs`. ``interpret=None`` means True unless the default backend is GPU. ``reference``:
-    ``fn(x, dt, A, B, C, chunk_size, s0, run_ids) -> (y, state)``, a differentiable jnp op whose VJP is
-    the backward (None: forward only, no autodiff). The remaining options are `KernelConfig`'s.
-    Returns (y, final_state)."""
+    `segment_runs`. ``backend``: one of BACKENDS, None = `backend_for` these shapes (ValueError if
+    the named or chosen backend does not support them). ``interpret``: None means True unless the
+    default backend is GPU; the Mosaic GPU backend also takes a ``plgpu.InterpretGPUParams``.
+    ``reference``: ``fn(x, dt, A, B, C, chunk_size, s0, run_ids) -> (y, state)``, a differentiable
+    jnp op whose VJP is the backward (None: forward only, no autodiff). ``block_p``, ``precision``,
+    ``num_warps``, ``num_stages``: portable backend only (`KernelConfig`). Returns (y, final_state)."""
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+    elif isinstance(interpret, (bool, int)):
+        interpret = bool(interpret)
     b, t, h, p = x.shape
     n = B.shape[3]
+    dtype = jnp.result_type(x, B, C)   # mixed dtypes: the promoted one decides (Mosaic needs one dtype)
+    ok = {"mosaic_gpu": ssd_mosaic.supports(x.shape, B.shape, dtype=dtype),
+          "portable": supports_portable(x.shape, B.shape, chunk_size=chunk_size, dtype=dtype)}
+    if backend is None:
+        backend = backend_for(x.shape, B.shape, chunk_size=chunk_size, dtype=dtype)
+    if backend not in BACKENDS or not ok[backend]:
+        raise ValueError(f"SSD kernel backend {backend!r} does not support x {tuple(x.shape)} {x.dtype}, "
+                         f"B {tuple(B.shape)} {B.dtype}, chunk_size={chunk_size} ({SUPPORTED})")
+    if backend == "portable" and not isinstance(interpret, bool):
+        raise ValueError("the portable SSD kernel takes interpret=True/False, not Mosaic GPU interpreter params")
     s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state
-    cfg = KernelConfig(chunk_size, bool(interpret), block_p, precision, num_warps, num_stages)
+    cfg = KernelConfig(chunk_size, interpret, backend, block_p, precision, num_warps, num_stages)
     if reference is None:
         return _forward(x, dt, A, B, C, s0, run_ids, cfg)
     return _ssd_pallas(x, dt, A, B, C, s0, run_ids, cfg, reference)

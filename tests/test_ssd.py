@@ -141,21 +141,26 @@ def test_auto_on_cpu_uses_chunked_for_any_shape():
 
 
 def test_auto_falls_back_on_unsupported_shapes_on_gpu(monkeypatch):
-    """With the backend reported as GPU, "auto" sends unsupported shapes (p=3, n=5, odd chunk) to the
-    chunked op and supported ones to the kernel."""
+    """With the backend reported as GPU, "auto" sends shapes the Mosaic GPU kernel does not cover
+    (p=3, n=5, odd chunk; fp32, which only the portable Triton-path kernel takes) to the chunked
+    op and covered ones (p=64, bf16) to the kernel."""
     from pallas_kernels import ssd as kernel
     calls = []
     real = kernel.ssd_pallas
     monkeypatch.setattr(ssd_mod, "_on_gpu", lambda: True)
     monkeypatch.setattr(kernel, "ssd_pallas", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x, dt, A, B, C, _ = make_inputs(p=3, n=5, t=12)
-    y = ssd(x, dt, A, B, C, chunk_size=7, impl="auto")
-    assert not calls
-    assert_close(y, ssd(x, dt, A, B, C, chunk_size=7, impl="chunked"), 0.0, "auto == chunked")
-    x, dt, A, B, C, _ = make_inputs(p=16, n=16, t=12)
-    y = ssd(x, dt, A, B, C, chunk_size=16, impl="auto")   # interpret=True since the real backend is CPU
+    for shape, chunk in ((dict(p=3, n=5, t=12), 7), (dict(p=64, n=64, t=12), 16)):
+        x, dt, A, B, C, _ = make_inputs(**shape)
+        y = ssd(x, dt, A, B, C, chunk_size=chunk, impl="auto")
+        assert not calls
+        assert_close(y, ssd(x, dt, A, B, C, chunk_size=chunk, impl="chunked"), 0.0, "auto == chunked")
+    x, dt, A, B, C, _ = make_inputs(p=64, n=64, t=12, dtype=jnp.bfloat16)
+    y = ssd(x, dt, A, B, C, chunk_size=16, impl="auto")   # interpreted since the real backend is CPU
     assert calls
-    assert_close(y, ssd(x, dt, A, B, C, chunk_size=16, impl="reference"), TOL, "auto (kernel) == reference")
+    up = lambda a: a.astype(jnp.float32)
+    # bf16 wgmma operands inside the kernel: tolerance as in tests/test_ssd_mosaic.py
+    assert_close(up(y), ssd(up(x), dt, A, up(B), up(C), chunk_size=16, impl="reference"), 4 * 2.0 ** -8,
+                 "auto (kernel) == reference")
 
 
 def _bad(**over):

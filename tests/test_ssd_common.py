@@ -60,24 +60,24 @@ def grads(impl, chunk_size, inputs, segment_ids=None):
     return jax.jit(jax.grad(loss_fn(impl, chunk_size, segment_ids), argnums=tuple(range(6))))(*inputs)
 
 
-def packed_case(p=16, n=16, h=4, g=2):
+def packed_case(p=16, n=16, h=4, g=2, dtype=jnp.float32):
     """Two packed rows of three documents each (lengths 12 and 13 only: two compiles per impl).
 
     Row 0 ids [3]*12 + [1]*13 + [3]*12: the id 3 comes back, which is a *new* document (a reset
     happens wherever the id differs from the previous token's). Row 1: [0]*12 + [1]*12 + [2]*13.
     Returns (inputs, segment_ids, docs) where docs lists (row, start, length).
     """
-    x, dt, A, B, C, S0 = make_inputs(seed=7, b=2, t=37, h=h, p=p, g=g, n=n)
+    x, dt, A, B, C, S0 = make_inputs(seed=7, b=2, t=37, h=h, p=p, g=g, n=n, dtype=dtype)
     seg = jnp.array([[3] * 12 + [1] * 13 + [3] * 12, [0] * 12 + [1] * 12 + [2] * 13], jnp.int32)
     docs = [(0, 0, 12), (0, 12, 13), (0, 25, 12), (1, 0, 12), (1, 12, 12), (1, 24, 13)]
     return (x, dt, A, B, C, S0), seg, docs
 
 
-def check_packed_equals_separate(impl, chunk_size, tol=1e-5):
+def check_packed_equals_separate(impl, chunk_size, tol=1e-5, **case):
     """Packed rows through `impl` equal each document run on its own through `impl` (the row's
     initial state going to the row's first document, zero state to the others); the final state
-    equals the last document's."""
-    (x, dt, A, B, C, S0), seg, docs = packed_case()
+    equals the last document's. ``case``: `packed_case`'s shape/dtype options."""
+    (x, dt, A, B, C, S0), seg, docs = packed_case(**case)
     y, S = jax.jit(lambda *a: ssd(*a[:5], chunk_size=chunk_size, initial_state=a[5], segment_ids=a[6],
                                   return_final_state=True, impl=impl))(x, dt, A, B, C, S0, seg)
     run = jax.jit(lambda *a: ssd(*a[:5], chunk_size=chunk_size, initial_state=a[5],
@@ -91,6 +91,7 @@ def check_packed_equals_separate(impl, chunk_size, tol=1e-5):
         s0 = jnp.stack([S0[r] if s == 0 else jnp.zeros_like(S0[r]) for r, s, _ in group])
         y_sep, S_sep = run(xs[0], xs[1], A, xs[2], xs[3], s0)
         for i, (r, s, _) in enumerate(group):
-            assert_close(y[r, s:s + length], y_sep[i], tol, f"{impl}: y of document ({r}, {s})")
+            assert_close(y[r, s:s + length].astype(jnp.float32), y_sep[i].astype(jnp.float32), tol,
+                         f"{impl}: y of document ({r}, {s})")
             if s + length == x.shape[1]:
                 assert_close(S[r], S_sep[i], tol, f"{impl}: final state of row {r}")

@@ -1,4 +1,4 @@
-"""SSD Pallas kernel (interpret mode on CPU) against the token-by-token reference: forward, final
+"""The portable SSD Pallas kernel (interpret mode on CPU) against the token-by-token reference: forward, final
 state, gradients (custom_vjp with the chunked backward), packed documents, supports().
 
 Same tolerance rationale as tests/test_ssd.py: fp32, max|a - ref| / max|ref| <= 1e-5 for values
@@ -89,8 +89,8 @@ def test_pallas_bf16_inputs():
     ((1, 37, 4, 16), (1, 37, 3, 16), 16, jnp.float32, False),           # h % g != 0
     ((1, 37, 4, 16), (1, 37, 2, 16), 16, jnp.int32, False),             # dtype
 ])
-def test_supports(x_shape, B_shape, chunk, dtype, ok):
-    assert kernel.supports(x_shape, B_shape, chunk_size=chunk, dtype=dtype) is ok
+def test_supports_portable(x_shape, B_shape, chunk, dtype, ok):
+    assert kernel.supports_portable(x_shape, B_shape, chunk_size=chunk, dtype=dtype) is ok
 
 
 @pytest.mark.parametrize("dtype,with_segments,opts", [
@@ -112,7 +112,7 @@ def test_kernel_lowers_to_triton_for_h200_without_a_gpu(dtype, with_segments, op
 
     def f(x, dt, A, B, C, S0, run_ids):
         return kernel.ssd_pallas(x, dt, A, B, C, chunk_size=128, initial_state=S0, run_ids=run_ids,
-                                 interpret=False, **opts)
+                                 interpret=False, backend="portable", **opts)
 
     h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("d",), abstract_device=h200)), \

@@ -20,11 +20,13 @@ reset to zero before that token's update; ``initial_state`` belongs to the segme
 Implementations (``impl``):
   "reference"  token-by-token ``lax.scan``: the oracle (O(T) sequential steps).
   "chunked"    four-step chunked algorithm in jnp (`ssd_chunked.py`): runs everywhere.
-  "pallas"     Pallas kernel forward + chunked-jnp backward (`pallas_kernels/ssd.py`); raises
-               ValueError when the kernel's `supports(...)` is false for these shapes/dtype.
-               ``interpret`` defaults to True off GPU, so it runs (slowly) on CPU.
-  "auto"       the kernel on GPU where `supports(...)` holds, "chunked" everywhere else; never
-               fails on unsupported shapes.
+  "pallas"     Pallas kernel forward + chunked-jnp backward (`pallas_kernels/ssd.py`): the Mosaic
+               GPU kernel where it applies (p = 64, n in {64, 128}, bf16/f16), else the portable
+               kernel; raises ValueError when neither supports these shapes/dtype. ``interpret``
+               defaults to True off GPU, so it runs (slowly) on CPU.
+  "auto"       the Mosaic GPU kernel on a GPU where it applies, "chunked" everywhere else; never
+               fails on unsupported shapes (and never picks the portable kernel, whose GPU
+               lowering goes through the deprecated Triton backend).
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, initial_state=None, return_final_sta
 
     if impl == "auto":
         from pallas_kernels import ssd as kernel
-        usable = _on_gpu() and kernel.supports(_shape(x), _shape(B), chunk_size=chunk_size,
-                                               dtype=jnp.result_type(x))
+        usable = _on_gpu() and kernel.backend_for(_shape(x), _shape(B), chunk_size=chunk_size,
+                                                  dtype=jnp.result_type(x, B, C)) == "mosaic_gpu"
         impl = "pallas" if usable else "chunked"
 
     if impl == "reference":
@@ -97,7 +99,7 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, initial_state=None, return_final_sta
         y, state = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state, run_ids)
     else:  # "pallas"
         from pallas_kernels import ssd as kernel
-        if not kernel.supports(_shape(x), _shape(B), chunk_size=chunk_size, dtype=jnp.result_type(x)):
+        if not kernel.supports(_shape(x), _shape(B), chunk_size=chunk_size, dtype=jnp.result_type(x, B, C)):
             raise ValueError(
                 f"impl='pallas': the kernel does not support x {_shape(x)}, B {_shape(B)}, "
                 f"chunk_size={chunk_size}, dtype {jnp.result_type(x)} ({kernel.SUPPORTED}); "
