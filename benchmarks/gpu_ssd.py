@@ -1,4 +1,4 @@
-"""GPU check and timing of the SSD Pallas kernel (compiled, not interpreted) vs the chunked XLA path.
+"""GPU check and timing of the SSD Pallas kernels (compiled, not interpreted) vs the chunked XLA path.
 
 Prepared for the H200 machine (jax 0.11.2 preinstalled there; this repo's tree as cwd; no network).
 Nano's Mamba-2 heads: h=64 heads x p=64, state n=128, g=8 groups, chunk 128, bf16 activations.
@@ -6,12 +6,15 @@ Nano's Mamba-2 heads: h=64 heads x p=64, state n=128, g=8 groups, chunk 128, bf1
     python benchmarks/gpu_ssd.py                  # ~2-4 min: checks, then timings
     python benchmarks/gpu_ssd.py --t 8192 --b 1   # fewer timings
 
-Steps (each config in its own try/except, so one failing compile is reported, not fatal):
-  1. correctness on GPU: kernel vs chunked (both fp32-accurate: precision HIGHEST) at T=1000
-     (ragged last chunk), with an initial state, and again with packed segment_ids;
-  2. forward time: chunked XLA (default precision = TF32 dots on Hopper, and HIGHEST) vs kernel
-     launch configs (block_p, num_warps; precision HIGHEST and TF32);
-  3. forward+backward time: kernel (custom_vjp, chunked backward) vs chunked.
+Two kernels: "mosaic_gpu" (pallas_kernels/ssd_mosaic.py, wgmma + TMA, bf16/f16; what
+impl="auto" picks on a GPU) and "portable" (pallas_kernels/ssd.py, lowers through Pallas' Triton
+backend). Steps (each config in its own try/except, so one failing compile is reported, not fatal):
+  1. correctness on GPU: each kernel vs chunked (precision HIGHEST) at T=1000 (ragged last
+     chunk), with an initial state, and again with packed segment_ids; the Mosaic kernel rounds
+     its wgmma operands to bf16, so expect ~3e-3 there (its CPU-interpreted error), fp32 ~1e-5;
+  2. forward time: chunked XLA (default precision = TF32 dots on Hopper, and HIGHEST) vs the
+     Mosaic kernel vs portable launch configs (block_p, num_warps; precision HIGHEST and TF32);
+  3. forward+backward time: kernels (custom_vjp, chunked backward) vs chunked.
 Results print as a table and go to $OUT/gpu_ssd.json (or ./gpu_ssd.json) for docs/benchmarks.md.
 """
 
@@ -82,12 +85,12 @@ def main(argv=None):
     ap.add_argument("--b", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--smoke", action="store_true",
-                    help="CPU plumbing check: tiny heads, chunk 16, kernel interpreted")
+                    help="CPU plumbing check: 2 heads, chunk 64, kernels interpreted")
     a = ap.parse_args(argv)
     h, p, g, n, L = 64, 64, 8, 128, 128
     interp, t_check, seg_lens = False, 1000, [300, 200, 257, 243]
     if a.smoke:
-        h, p, g, n, L, interp, t_check, seg_lens = 4, 32, 2, 16, 16, True, 40, [10, 10, 7, 13]
+        h, p, g, n, L, interp, t_check, seg_lens = 2, 64, 1, 64, 64, True, 100, [30, 20, 27, 23]
     dev = jax.devices()[0]
     report = dict(jax=jax.__version__, device=dev.device_kind, backend=jax.default_backend(),
                   shape=dict(h=h, p=p, g=g, n=n, chunk=L, b=a.b), checks=[], fwd=[], fwdbwd=[])
@@ -106,7 +109,7 @@ def main(argv=None):
             return msg
 
     # 1. correctness (kernel compiled vs chunked XLA, both HIGHEST)
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype, backend in ((jnp.float32, "portable"), (jnp.bfloat16, "portable"), (jnp.bfloat16, "mosaic_gpu")):
         for with_seg in (False, True):
             x, dt, A, B, C, S0 = inputs(1, t_check, h, p, g, n, dtype)
             seg = jnp.asarray(np.repeat(np.arange(4), seg_lens)[None]) if with_seg else None
@@ -116,13 +119,16 @@ def main(argv=None):
                     yc, sc = jax.jit(lambda *z: ssd(*z[:5], chunk_size=L, initial_state=z[5], segment_ids=seg,
                                                     return_final_state=True, impl="chunked"))(x, dt, A, B, C, S0)
                 yk, sk = jax.jit(lambda *z: kernel.ssd_pallas(
-                    *z[:5], chunk_size=L, initial_state=z[5], interpret=interp, precision=HI,
+                    *z[:5], chunk_size=L, initial_state=z[5], interpret=interp, backend=backend,
+                    **(dict(precision=HI) if backend == "portable" else {}),
                     run_ids=None if seg is None else ssd_mod.segment_runs(seg)))(x, dt, A, B, C, S0)
                 return dict(y=rel(yk.astype(jnp.float32), yc.astype(jnp.float32)), state=rel(sk, sc))
 
-            res = run(f"check {jnp.dtype(dtype).name} seg={with_seg}", check)
-            report["checks"].append(dict(dtype=jnp.dtype(dtype).name, segments=with_seg, result=res))
-            print(f"  check {jnp.dtype(dtype).name:8s} segments={with_seg!s:5s} rel err vs chunked: {res}", flush=True)
+            res = run(f"check {backend} {jnp.dtype(dtype).name} seg={with_seg}", check)
+            report["checks"].append(dict(backend=backend, dtype=jnp.dtype(dtype).name, segments=with_seg,
+                                         result=res))
+            print(f"  check {backend:10s} {jnp.dtype(dtype).name:8s} segments={with_seg!s:5s} "
+                  f"rel err vs chunked: {res}", flush=True)
 
     # 2. forward timings
     configs = [dict(block_p=64, num_warps=4, precision=HI), dict(block_p=64, num_warps=8, precision=HI),
@@ -139,9 +145,12 @@ def main(argv=None):
                 with jax.default_matmul_precision(prec):
                     return ssd(*z, chunk_size=L, impl="chunked")
             row[f"chunked_{prec}_ms"] = run(f"chunked {prec} T={t}", lambda: timeit(chunked, args, a.repeats))
+        mosaic = lambda *z: kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, backend="mosaic_gpu")[0]
+        row["mosaic_ms"] = run(f"mosaic T={t}", lambda: timeit(mosaic, args, a.repeats))
         for cfg in configs:
             name = f"pallas_bp{cfg['block_p']}_w{cfg['num_warps']}_{'tf32' if cfg['precision'] == TF32 else 'fp32'}_ms"
-            fn = lambda *z, cfg=cfg: kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, **cfg)[0]
+            fn = lambda *z, cfg=cfg: kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, backend="portable",
+                                                       **cfg)[0]
             row[name] = run(f"{name} T={t}", lambda: timeit(fn, args, a.repeats))
         report["fwd"].append(row)
         print(f"  fwd T={t}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
@@ -154,7 +163,10 @@ def main(argv=None):
     best = dict(block_p=32, num_warps=4, precision=HI)   # edit after reading the fwd table
     loss = {
         "chunked": lambda *z: jnp.sum(ssd(*z, chunk_size=L, impl="chunked").astype(jnp.float32) ** 2),
-        "pallas": lambda *z: jnp.sum(kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, **best,
+        "portable": lambda *z: jnp.sum(kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, backend="portable",
+                                                         **best, reference=ssd_mod.ssd_chunked)[0]
+                                       .astype(jnp.float32) ** 2),
+        "mosaic": lambda *z: jnp.sum(kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, backend="mosaic_gpu",
                                                        reference=ssd_mod.ssd_chunked)[0]
                                      .astype(jnp.float32) ** 2),
     }
