@@ -62,10 +62,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import ssd_mosaic
 
 f32 = jnp.float32
-
-from pallas_kernels import ssd_mosaic
 
 BACKENDS = ("mosaic_gpu", "portable")
 SUPPORTED = (f"Mosaic GPU: {ssd_mosaic.SUPPORTED}; portable: chunk_size, head dim p and state dim n "

@@ -102,7 +102,7 @@ def ssd(x, dt, A, B, C, *, chunk_size: int, initial_state=None, return_final_sta
         if not kernel.supports(_shape(x), _shape(B), chunk_size=chunk_size, dtype=jnp.result_type(x, B, C)):
             raise ValueError(
                 f"impl='pallas': the kernel does not support x {_shape(x)}, B {_shape(B)}, "
-                f"chunk_size={chunk_size}, dtype {jnp.result_type(x)} ({kernel.SUPPORTED}); "
+                f"chunk_size={chunk_size}, dtype {jnp.result_type(x, B, C)} ({kernel.SUPPORTED}); "
                 f"use impl='auto' to fall back to the chunked op")
         y, state = kernel.ssd_pallas(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state,
                                      run_ids=run_ids, interpret=interpret, reference=ssd_chunked)
