@@ -93,8 +93,8 @@ def _block_step(idx, x_s, B_s, C_s, acum_r_s, acum_c_s, dt_s, offw_s, stw_s, run
     carry_r = plgpu.load(carry_s, layout=row_v)
     acum_c, runs_c = plgpu.load(acum_c_s, layout=col_v), plgpu.load(runs_c_s, layout=col_v)
     dt_c = plgpu.load(dt_s, layout=col_v)
-    rows = lambda v, cols: lax.broadcast_in_dim(v, (v.shape[0], cols), [0])
-    cols = lambda v: lax.broadcast_in_dim(v, (L, L), [1])
+    rows = lambda v, width: lax.broadcast_in_dim(v, (v.shape[0], width), [0])   # v[i] along row i
+    cols = lambda v: lax.broadcast_in_dim(v, (L, L), [1])                       # v[j] along column j
 
     def matmul(a_smem, b_smem, shape):
         def scope(acc):
