@@ -76,12 +76,16 @@ def _pow2_in(v: int, lo: int = 16, hi: int = 256) -> bool:
     return lo <= v <= hi and (v & (v - 1)) == 0
 
 
+def _supported(x_shape, B_shape, chunk_size: int, dtype) -> dict[str, bool]:
+    return {"mosaic_gpu": ssd_mosaic.supports(x_shape, B_shape, dtype=dtype),
+            "portable": supports_portable(x_shape, B_shape, chunk_size=chunk_size, dtype=dtype)}
+
+
 def backend_for(x_shape, B_shape, *, chunk_size: int, dtype) -> str | None:
-    """The backend `ssd_pallas` uses for these shapes: "mosaic_gpu" where it applies, else
-    "portable" where that applies, else None."""
-    if ssd_mosaic.supports(x_shape, B_shape, dtype=dtype):
-        return "mosaic_gpu"
-    return "portable" if supports_portable(x_shape, B_shape, chunk_size=chunk_size, dtype=dtype) else None
+    """The backend `ssd_pallas` uses for these shapes: the first of BACKENDS (Mosaic GPU, then
+    portable) that supports them, else None."""
+    ok = _supported(x_shape, B_shape, chunk_size, dtype)
+    return next((name for name in BACKENDS if ok[name]), None)
 
 
 def supports(x_shape, B_shape, *, chunk_size: int, dtype) -> bool:
@@ -262,11 +266,9 @@ def ssd_pallas(x, dt, A, B, C, *, chunk_size: int, initial_state=None, run_ids=N
     b, t, h, p = x.shape
     n = B.shape[3]
     dtype = jnp.result_type(x, B, C)   # mixed dtypes: the promoted one decides (Mosaic needs one dtype)
-    ok = {"mosaic_gpu": ssd_mosaic.supports(x.shape, B.shape, dtype=dtype),
-          "portable": supports_portable(x.shape, B.shape, chunk_size=chunk_size, dtype=dtype)}
     if backend is None:
         backend = backend_for(x.shape, B.shape, chunk_size=chunk_size, dtype=dtype)
-    if backend not in BACKENDS or not ok[backend]:
+    if backend not in BACKENDS or not _supported(x.shape, B.shape, chunk_size, dtype)[backend]:
         raise ValueError(f"SSD kernel backend {backend!r} does not support x {tuple(x.shape)} {x.dtype}, "
                          f"B {tuple(B.shape)} {B.dtype}, chunk_size={chunk_size} ({SUPPORTED})")
     if backend == "portable" and not isinstance(interpret, bool):
