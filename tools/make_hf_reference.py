@@ -70,6 +70,15 @@ _COMMON = dict(
     eos_token_id=2,
 )
 
+# What the MoE cases share: expert and shared-expert widths, normalised top-k, no group limit.
+_MOE = dict(
+    moe_intermediate_size=24,
+    moe_shared_expert_intermediate_size=40,
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=True,
+)
+
 CASES: dict[str, dict] = {
     # Mamba-2 (groups > 1), GQA attention, dense relu2 MLP; no MoE.
     "hybrid_dense": dict(
@@ -81,45 +90,33 @@ CASES: dict[str, dict] = {
     # Plain MoE (no latent): sigmoid router, random correction bias, scale 2.5.
     "moe": dict(
         _COMMON,
+        **_MOE,
         layers_block_type=["linear_attention", "moe", "full_attention", "moe", "linear_attention", "moe"],
         n_routed_experts=8,
         num_experts_per_tok=2,
-        moe_intermediate_size=24,
-        moe_shared_expert_intermediate_size=40,
         routed_scaling_factor=2.5,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
         _gen=dict(seed=2002),
     ),
     # LatentMoE: experts live in a 16-wide latent space; router and shared expert stay at 48.
     "latent_moe": dict(
         _COMMON,
+        **_MOE,
         layers_block_type=["linear_attention", "moe", "linear_attention", "full_attention", "moe", "moe"],
         n_routed_experts=16,
         num_experts_per_tok=4,
-        moe_intermediate_size=24,
-        moe_shared_expert_intermediate_size=40,
         moe_latent_size=16,
         routed_scaling_factor=5.0,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
         _gen=dict(seed=3003),
     ),
     # Group-limited routing (n_group 4, topk_group 2) on top of LatentMoE.
     "group_routing": dict(
         _COMMON,
+        **dict(_MOE, n_group=4, topk_group=2),
         layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
         n_routed_experts=16,
         num_experts_per_tok=4,
-        moe_intermediate_size=24,
-        moe_shared_expert_intermediate_size=40,
         moe_latent_size=16,
         routed_scaling_factor=2.0,
-        n_group=4,
-        topk_group=2,
-        norm_topk_prob=True,
         _gen=dict(seed=4004),
     ),
     # Time-step clamp actually active: time_step_min 0.05 and dt_bias drawn so that many
@@ -128,15 +125,11 @@ CASES: dict[str, dict] = {
     # (hybrid_override_pattern, mamba_* keys, num_hidden_layers); HF parses it to the same config.
     "dt_clamp_legacy": dict(
         _COMMON,
+        **_MOE,
         layers_block_type=["linear_attention", "moe", "linear_attention", "full_attention", "mlp"],
         n_routed_experts=8,
         num_experts_per_tok=3,
-        moe_intermediate_size=24,
-        moe_shared_expert_intermediate_size=40,
         routed_scaling_factor=1.5,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=True,
         time_step_min=0.05,
         time_step_limit=(0.0, 2.0),
         _gen=dict(seed=5005, dt_low=True, legacy_config=True),
