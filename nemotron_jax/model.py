@@ -68,7 +68,7 @@ class NemotronModel(nnx.Module):
         if tokens_bt.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq] ints, got shape {tokens_bt.shape}")
         if quant_key is not None and self.cfg.precision != "bf16":
-            from nemotron_jax.layers.precision import quant_key_scope  # noqa: PLC0415
+            from nemotron_jax.quant.key_scope import quant_key_scope  # noqa: PLC0415
             with quant_key_scope(quant_key):
                 return self._forward(tokens_bt, segment_ids, mtp)
         return self._forward(tokens_bt, segment_ids, mtp)

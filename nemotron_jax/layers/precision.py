@@ -11,27 +11,17 @@ a block's amax nor a dot product, so padding gives the values an unpadded quanti
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemotron_jax.quant.key_scope import current_quant_key, quant_key_scope
 from nemotron_jax.quant.policy import linear_format
 from nemotron_jax.quant.recipe import NVFP4Recipe, mxfp8_matmul, nvfp4_matmul, nvfp4_ragged_dot, quantizer_key
 
-_QUANT_KEY: contextvars.ContextVar = contextvars.ContextVar("nemotron_quant_key", default=None)
-
-
-@contextlib.contextmanager
-def quant_key_scope(key: jax.Array | None):
-    token = _QUANT_KEY.set(key)
-    try:
-        yield
-    finally:
-        _QUANT_KEY.reset(token)
+__all__ = ["QuantMatmul", "QuantRaggedDot", "apply_precision_policy", "quant_key_scope"]
 
 
 def _pad_to(a: jax.Array, axis: int, mult: int) -> jax.Array:
@@ -57,7 +47,7 @@ class QuantMatmul:
         mult = 16 if self.fmt == "nvfp4" else 32
         xp, wp = _pad_to(x, -1, mult), _pad_to(_pad_to(w, 0, mult), 1, mult)
         if self.fmt == "nvfp4":
-            key = _QUANT_KEY.get()
+            key = current_quant_key()
             y = nvfp4_matmul(xp, wp, None if key is None else quantizer_key(key, self.name), self.recipe)
         elif self.fmt == "mxfp8":
             y = mxfp8_matmul(xp, wp)
@@ -76,7 +66,7 @@ class QuantRaggedDot:
     def __call__(self, x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
         n = w.shape[-1]
         xp, wp = _pad_to(x, -1, 16), _pad_to(_pad_to(w, 1, 16), 2, 16)
-        key = _QUANT_KEY.get()
+        key = current_quant_key()
         y = nvfp4_ragged_dot(xp, wp, group_sizes, None if key is None else quantizer_key(key, self.name),
                              self.recipe)
         return y[..., :n]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from nemotron_jax.ops import moe_dispatch as md
+from nemotron_jax.quant.key_scope import current_quant_key, shard_quant_key_scope
 from nemotron_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 EXPERT_AXIS = "expert"
@@ -96,7 +97,24 @@ def sharded_experts(x_nd: jax.Array, idx_nk: jax.Array, gates_nk: jax.Array, w_u
     e_loc = num_experts // ep
     tok = P(batch_axes or None)
 
-    def body(x, idx, gates, w_up, w_down):
+    # A custom-VJP GEMM (NVFP4's) returns dW varying over every axis the tokens vary over and dx
+    # varying over every axis the weights vary over, and its outputs must match its inputs' types:
+    # so each operand enters already varying over the other's axes, and autodiff sums dW over the
+    # token shards and dx over the m-slices (what it does implicitly for plain GEMMs).
+    w_missing = tuple(a for a in batch_axes if a not in ep_axes + mlp_axes)
+    x_missing = tuple(a for a in mlp_axes if a not in batch_axes)
+
+    def body(key, x, idx, gates, w_up, w_down):
+        if w_missing:
+            w_up, w_down = (jax.lax.pcast(w, w_missing, to="varying") for w in (w_up, w_down))
+        if x_missing:
+            x = jax.lax.pcast(x, x_missing, to="varying")
+        # stochastic rounding: other bits on shards holding other tokens, the same bits where the
+        # tokens are replicated (the m-slices of the tensor axis)
+        with shard_quant_key_scope(key, batch_axes):
+            return shard_body(x, idx, gates, w_up, w_down)
+
+    def shard_body(x, idx, gates, w_up, w_down):
         w_up, w_down = w_up.astype(x.dtype), w_down.astype(x.dtype)
         if ep == 1:
             y, counts = md.dropless_experts(x, idx, gates, w_up, w_down, ragged_dot)
@@ -129,5 +147,7 @@ def sharded_experts(x_nd: jax.Array, idx_nk: jax.Array, gates_nk: jax.Array, w_u
             dropped = jax.lax.psum(dropped, batch_axes)
         return y, counts, dropped
 
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, up_spec, down_spec), out_specs=(tok, P(), P()))
-    return fn(x_nd, idx_nk, gates_nk, w_up_eim, w_down_emi)
+    # the stochastic-rounding key enters as a replicated argument: shard_map cannot close over it
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(P(), tok, tok, tok, up_spec, down_spec),
+                       out_specs=(tok, P(), P()))
+    return fn(current_quant_key(), x_nd, idx_nk, gates_nk, w_up_eim, w_down_emi)
