@@ -48,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = "ROMEO:\n"
     c.sample.length = 200
-    c.sample.temperature = 0.8
+    c.sample.temperature = 0.8  # 0 is greedy
+    c.sample.top_k = 40  # None or 0 keeps every token
+    c.sample.top_p = 1.0
 
     c.debug_kill_after_step = -1  # tests only: SIGKILL the run after this step
     return c

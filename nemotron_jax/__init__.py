@@ -17,5 +17,16 @@ def to_hf(*args, **kwargs):
     return _to_hf(*args, **kwargs)
 
 
-__all__ = ["ConfigError", "ModelConfig", "ModelOutput", "NemotronModel", "from_hf", "to_hf"]
+def __getattr__(name):
+    # `nemotron_jax.generate` is a callable module (function and CLI share the name); import it on first use
+    if name == "generate":
+        import nemotron_jax.generate as g  # noqa: PLC0415
+        return g
+    if name == "load_run":
+        from nemotron_jax.inference.load import load_run  # noqa: PLC0415
+        return load_run
+    raise AttributeError(f"module 'nemotron_jax' has no attribute {name!r}")
+
+
+__all__ = ["ConfigError", "ModelConfig", "ModelOutput", "NemotronModel", "from_hf", "generate", "load_run", "to_hf"]
 __version__ = "0.1.0"

@@ -1,41 +1,23 @@
-"""Plain full-forward sampling (no caches): re-runs the causal model over a fixed-size buffer each step.
+"""`nemotron_jax.generate(model, prompts, max_new_tokens=...)` and the generation CLI (`python -m nemotron_jax.generate`).
 
-Simple and exact for any layer mix; cost is O(T) forwards of length T. Cached decoding comes later.
+The function lives in `nemotron_jax.inference.engine`. This module is made callable so that the name a user
+calls and the name of the CLI module can be the same (`nemotron_jax.generate`) without one shadowing the
+other when the submodule is imported.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+import sys
+import types
 
-from nemotron_jax import model as M
+from nemotron_jax.inference.engine import GenerationResult, generate
+
+__all__ = ["GenerationResult", "generate"]
 
 
-def sample(graphdef: nnx.GraphDef, state, prompt_ids: np.ndarray, *, max_new_tokens: int, temperature: float = 0.8,
-           top_k: int | None = 40, seed: int = 0) -> np.ndarray:
-    """Continue `prompt_ids` (1-D ints) by `max_new_tokens`; temperature 0 is greedy. Returns only the new ids."""
-    prompt = np.asarray(prompt_ids, np.int32).reshape(-1)
-    if prompt.size == 0:
-        raise ValueError("sample: the prompt must hold at least one token")
-    total = prompt.size + max_new_tokens
-    buf = jnp.zeros((1, total), jnp.int32).at[0, : prompt.size].set(prompt)
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs) -> GenerationResult:
+        return generate(*args, **kwargs)
 
-    @jax.jit
-    def next_token(st, buf, pos, key):
-        logits = M.apply(graphdef, st, buf, mtp=False).logits[0, pos - 1]
-        if temperature <= 0:
-            return jnp.argmax(logits).astype(jnp.int32)
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = jax.lax.top_k(logits, top_k)[0][-1]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        return jax.random.categorical(key, logits).astype(jnp.int32)
 
-    key = jax.random.PRNGKey(seed)
-    for pos in range(prompt.size, total):
-        key, sub = jax.random.split(key)
-        tok = next_token(state, buf, jnp.int32(pos), sub)
-        buf = buf.at[0, pos].set(tok)
-    return np.asarray(buf[0, prompt.size:])
+sys.modules[__name__].__class__ = _CallableModule

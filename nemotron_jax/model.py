@@ -10,8 +10,17 @@ from flax import nnx
 
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.blocks import Block
+from nemotron_jax.layers.cache import CacheIndex
 from nemotron_jax.layers.common import Linear, dtype_of, normal_init, param
 from nemotron_jax.layers.norms import RMSNorm
+
+
+class DecodeCache(NamedTuple):
+    """The whole model's decode state: one pytree per batch (see layers/cache.py for the per-layer entries)."""
+
+    layers: tuple  # per block of the main stack: AttnCache | MambaCache | None
+    lengths: jax.Array  # [b] int32: tokens held per row
+    mtp: tuple | None  # per layer of the MTP block (speculative drafting), or None
 
 
 class ModelOutput(NamedTuple):
@@ -76,8 +85,9 @@ class NemotronModel(nnx.Module):
     def _forward(self, tokens_bt, segment_ids, mtp) -> ModelOutput:
         x = self.embed(tokens_bt)
         moe_aux = []
-        for blk in self.layers:
-            x, aux = blk(x, segment_ids=segment_ids)
+        for i, blk in enumerate(self.layers):
+            with jax.named_scope(f"layer{i}_{blk.kind}"):
+                x, _, aux = blk(x, segment_ids=segment_ids)
             if aux is not None:
                 moe_aux.append(aux)
         hidden = self.norm_f(x)
@@ -89,13 +99,51 @@ class NemotronModel(nnx.Module):
                 raise ValueError("mtp=True but the config has no MTP block (num_nextn_predict_layers=0)")
             h = hidden
             for k in range(1, self.cfg.mtp_depths + 1):
-                h, auxes = self.mtp(h, self.embed(shift_tokens(tokens_bt, k)), segment_ids=segment_ids)
+                h, auxes, _ = self.mtp(h, self.embed(shift_tokens(tokens_bt, k)), segment_ids=segment_ids)
                 mtp_logits.append(self.logits(h))
                 mtp_aux.extend(auxes)
         return ModelOutput(logits, hidden, tuple(moe_aux), tuple(mtp_logits), tuple(mtp_aux))
 
     def __call__(self, tokens_bt: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
         return self.forward(tokens_bt, segment_ids=segment_ids, mtp=False).logits
+
+    # ------------------------------------------------------------------ cached inference
+    def init_cache(self, batch: int, max_len: int, *, mtp: bool = False) -> DecodeCache:
+        """An empty decode cache for `batch` rows of up to `max_len` tokens (the MTP block's too with `mtp`)."""
+        if mtp and self.mtp is None:
+            raise ValueError("init_cache(mtp=True): the config has no MTP block (num_nextn_predict_layers=0)")
+        return DecodeCache(tuple(blk.init_cache(batch, max_len) for blk in self.layers),
+                           jnp.zeros((batch,), jnp.int32),
+                           self.mtp.init_cache(batch, max_len) if mtp else None)
+
+    def extend(self, tokens_bt: jax.Array, cache: DecodeCache, *, valid: jax.Array | None = None,
+               start: jax.Array | None = None, keep_steps: bool = False) -> tuple[jax.Array, DecodeCache]:
+        """Run T tokens after each row's cached ones: (hidden [b, T, d] after norm_f, cache with lengths + valid).
+
+        `valid` [b] (default T): real tokens per row; the rest is right padding that leaves no trace. With
+        `keep_steps`, Mamba entries of the returned cache hold the state after every token (step axis 1) and
+        `lengths` is not advanced: the caller picks the state to keep. `start` (default: lengths) is where the
+        tokens are written; a sliced prefill gives every row the slice's offset, so rows whose prompt has ended
+        (valid 0) write only past their end. Logits: `self.logits(hidden)`.
+        """
+        b, t = tokens_bt.shape
+        valid = jnp.full((b,), t, jnp.int32) if valid is None else valid.astype(jnp.int32)
+        start = cache.lengths if start is None else jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,))
+        index = CacheIndex(start, valid, keep_steps)
+        x = self.embed(tokens_bt)
+        new = []
+        for i, (blk, c) in enumerate(zip(self.layers, cache.layers)):
+            with jax.named_scope(f"layer{i}_{blk.kind}"):
+                x, c, _ = blk(x, cache=c, index=index)
+            new.append(c)
+        lengths = cache.lengths if keep_steps else cache.lengths + valid
+        return self.norm_f(x), DecodeCache(tuple(new), lengths, cache.mtp)
+
+    def mtp_extend(self, h_btd: jax.Array, next_tokens_bt: jax.Array, mtp_cache: tuple, index: CacheIndex
+                   ) -> tuple[jax.Array, tuple]:
+        """One MTP depth over T positions with its own cache: (h^k [b, T, d], new MTP cache)."""
+        h, _, mtp_cache = self.mtp(h_btd, self.embed(next_tokens_bt), cache=mtp_cache, index=index)
+        return h, mtp_cache
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> NemotronModel:

@@ -54,7 +54,7 @@ def test_layer_matches_manual_projection_and_reference():
     cfg = ModelConfig.tiny()
     attn = Attention(cfg, rngs=nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(4), (2, 5, cfg.hidden_size))
-    y = attn(x)
+    y, _, _ = attn(x)
     wq, wk, wv, wo = (np.asarray(m.kernel[...]) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
     xn = np.asarray(x)
     q = (xn @ wq).reshape(2, 5, cfg.num_attention_heads, cfg.head_dim)

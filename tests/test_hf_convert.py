@@ -74,7 +74,7 @@ def test_logits_and_hidden_states_match_hf(case):
         if blk.kind == "moe":
             gates, idx, _ = blk.mixer.gate(blk.norm(x))
             routers[i] = (np.asarray(gates), np.asarray(idx))
-        x, _ = blk(x)
+        x, _, _ = blk(x)
         np.testing.assert_allclose(np.asarray(x), bo[i], rtol=0, atol=TOL, err_msg=f"block {i}")
         if i < n - 1:
             np.testing.assert_allclose(np.asarray(x), hs[i + 1], rtol=0, atol=TOL, err_msg=f"block {i}")

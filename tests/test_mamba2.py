@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from nemotron_jax.config import ModelConfig
+from nemotron_jax.layers.cache import CacheIndex
 from nemotron_jax.layers.mamba2 import Mamba2Mixer
 
 
@@ -65,7 +66,7 @@ def test_mixer_matches_token_loop(cfg, limit):
     cfg = cfg.replace(time_step_limit=limit)
     m = Mamba2Mixer(cfg, rngs=nnx.Rngs(0))
     u = jax.random.normal(jax.random.key(1), (2, 11, cfg.hidden_size))
-    got = m(u)
+    got, _, _ = m(u)
     ref = mixer_loop(m, cfg, u)
     # fp32 through a few GEMMs and an 11-step recurrence vs a float64 loop: relative error ~1e-6.
     np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5 * np.abs(ref).max())
@@ -74,28 +75,49 @@ def test_mixer_matches_token_loop(cfg, limit):
 def test_prefill_then_steps_equals_full_forward(cfg):
     m = Mamba2Mixer(cfg, rngs=nnx.Rngs(2))
     u = jax.random.normal(jax.random.key(3), (2, 13, cfg.hidden_size))
-    full = m(u)
-    out, cache = m.prefill(u[:, :6])
+    full, _, _ = m(u)
+    tol = dict(rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max()))
+    # a 6-token chunk from the empty cache (chunked SSD from a state), then one-token steps
+    idx = CacheIndex(jnp.zeros(2, jnp.int32), jnp.full(2, 6, jnp.int32))
+    out, cache, _ = m(u[:, :6], cache=m.init_cache(2), index=idx)
     steps = [out]
     for t in range(6, 13):
         y, cache = m.step(u[:, t], cache)
         steps.append(y[:, None])
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max()))
-    # stepping from an empty cache is the same as prefill from the start
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, **tol)
+    # stepping from an empty cache is the same as the full forward from the start
     cache = m.init_cache(2)
     ys = []
     for t in range(5):
         y, cache = m.step(u[:, t], cache)
         ys.append(y)
-    np.testing.assert_allclose(jnp.stack(ys, 1), full[:, :5], rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max()))
+    np.testing.assert_allclose(jnp.stack(ys, 1), full[:, :5], **tol)
+
+
+def test_right_padding_leaves_the_cache_as_without_it(cfg):
+    """Row 0 has 4 real tokens of 7, row 1 all 7: row 0's cache equals a 4-token call's, bit for bit in spirit
+    (dt = 0 on padding keeps the state; the conv tail is read at the row's own end)."""
+    m = Mamba2Mixer(cfg, rngs=nnx.Rngs(7))
+    u = jax.random.normal(jax.random.key(8), (2, 7, cfg.hidden_size))
+    idx = CacheIndex(jnp.zeros(2, jnp.int32), jnp.array([4, 7], jnp.int32))
+    _, padded, _ = m(u, cache=m.init_cache(2), index=idx)
+    _, short, _ = m(u[:1, :4], cache=m.init_cache(1), index=CacheIndex(jnp.zeros(1, jnp.int32), jnp.full(1, 4, jnp.int32)))
+    np.testing.assert_allclose(padded.conv[0], short.conv[0], rtol=0, atol=0)
+    np.testing.assert_allclose(padded.ssm[0], short.ssm[0], rtol=1e-5, atol=1e-6)
+    # keep_steps: the recurrence token by token, the state after every token; its last equals the chunked one
+    _, steps, _ = m(u, cache=m.init_cache(2), index=CacheIndex(jnp.zeros(2, jnp.int32), jnp.full(2, 7, jnp.int32),
+                                                             keep_steps=True))
+    assert steps.ssm.shape[:2] == (2, 7)
+    np.testing.assert_allclose(steps.ssm[0, 3], short.ssm[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(steps.conv[0, 3], short.conv[0], rtol=0, atol=0)
 
 
 def test_packed_documents_share_no_state(cfg):
     m = Mamba2Mixer(cfg, rngs=nnx.Rngs(4))
     u = jax.random.normal(jax.random.key(5), (1, 12, cfg.hidden_size))
     seg = jnp.array([[0] * 5 + [1] * 7])
-    packed = m(u, segment_ids=seg)
-    a, b = m(u[:, :5]), m(u[:, 5:])
+    packed = m(u, segment_ids=seg)[0]
+    a, b = m(u[:, :5])[0], m(u[:, 5:])[0]
     np.testing.assert_allclose(packed[:, :5], a, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(packed[:, 5:], b, rtol=1e-5, atol=1e-6)
 

@@ -122,7 +122,7 @@ def test_dropless_matches_loop_forward_and_grads(latent):
     s_np = 1 / (1 + np.exp(-(np.asarray(h).reshape(6, -1).astype(np.float64) @ np.asarray(m.gate.kernel[...]))))
     idx = np.argsort(-(s_np + np.asarray(bias)), axis=-1)[:, :cfg.num_experts_per_tok]
 
-    y, aux = nnx.jit(lambda m, h: m(h))(m, h)
+    y, _, aux = nnx.jit(lambda m, h: m(h))(m, h)
     y_ref = jax.jit(lambda p, h: _loop_reference(p, h, bias, idx, cfg))(_params(m), h)
     np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_array_equal(aux["expert_counts"], np.bincount(idx.ravel(), minlength=cfg.n_routed_experts))
@@ -131,7 +131,7 @@ def test_dropless_matches_loop_forward_and_grads(latent):
     graphdef, params, rest = nnx.split(m, nnx.Param, ...)
 
     def loss_mod(params, h):
-        y, _ = nnx.merge(graphdef, params, rest)(h)
+        y, _, _ = nnx.merge(graphdef, params, rest)(h)
         return jnp.sum(y * probe)
 
     g_params, g_h = jax.jit(jax.grad(loss_mod, argnums=(0, 1)))(params, h)
@@ -167,7 +167,7 @@ def test_ragged_dot_hook_is_used():
     cfg = small_cfg()
     m = MoE(cfg, rngs=nnx.Rngs(0))
     h = jax.random.normal(jax.random.key(2), (2, 3, cfg.hidden_size))
-    y0, _ = m(h)
+    y0, _, _ = m(h)
     calls = []
 
     def hook(x, w, gs):
@@ -175,7 +175,7 @@ def test_ragged_dot_hook_is_used():
         return jax.lax.ragged_dot(x, w, gs)
 
     m.experts.ragged_dot = hook
-    y1, _ = m(h)
+    y1, _, _ = m(h)
     assert len(calls) == 2  # up and down
     np.testing.assert_allclose(y1, y0, rtol=RTOL, atol=ATOL)
 
@@ -184,9 +184,9 @@ def test_bfloat16_compute_keeps_router_fp32():
     cfg = small_cfg(dtype="bfloat16", moe_latent_size=8)
     m = MoE(cfg, rngs=nnx.Rngs(0))
     h = jax.random.normal(jax.random.key(2), (2, 3, cfg.hidden_size), jnp.bfloat16)
-    y, aux = m(h)
+    y, _, aux = m(h)
     assert y.dtype == jnp.bfloat16 and aux["aux_loss"].dtype == jnp.float32
-    y32, _ = MoE(cfg.replace(dtype="float32"), rngs=nnx.Rngs(0))(h.astype(jnp.float32))
+    y32, _, _ = MoE(cfg.replace(dtype="float32"), rngs=nnx.Rngs(0))(h.astype(jnp.float32))
     # bf16 has 8 mantissa bits: a few rounding steps of 2^-8 relative
     np.testing.assert_allclose(y.astype(jnp.float32), y32, rtol=5e-2, atol=5e-2 * float(jnp.abs(y32).max()))
 
@@ -235,11 +235,11 @@ def test_module_aux_loss_ignores_bias_and_has_coeff():
     cfg = small_cfg(moe_aux_loss_coeff=0.5)
     m = MoE(cfg, rngs=nnx.Rngs(0))
     h = jax.random.normal(jax.random.key(2), (2, 5, cfg.hidden_size))
-    _, aux0 = m(h)
+    _, _, aux0 = m(h)
     s = m.gate.scores(h)
     np.testing.assert_allclose(aux0["aux_loss"], 0.5 * md.sequence_aux_loss(s, cfg.num_experts_per_tok), rtol=1e-6)
     m.gate.e_score_correction_bias[...] = jnp.arange(8.0)  # changes selection, not the aux loss
-    _, aux1 = m(h)
+    _, _, aux1 = m(h)
     np.testing.assert_allclose(aux1["aux_loss"], aux0["aux_loss"], rtol=1e-6)
     assert not np.array_equal(aux1["expert_counts"], aux0["expert_counts"])
 

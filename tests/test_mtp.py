@@ -31,7 +31,7 @@ def test_mtp_equals_manual_composition(mtp_model):
         u = np.asarray(e) @ w_eh[:d] + np.asarray(hn) @ w_eh[d:]
         u = jnp.asarray(u, jnp.float32)
         for blk in net.mtp.layers:  # '*' then 'E', each x + mixer(norm(x))
-            u, _ = blk(u)
+            u, _, _ = blk(u)
         h = rms_norm(u, net.mtp.final_layernorm.weight[...], eps)
         logits = np.asarray(h) @ np.asarray(net.lm_head.kernel[...])
         # fp32 composition of the same ops in another order: ~1e-6 relative

@@ -1,7 +1,8 @@
 """Causal GQA self-attention with no positional encoding (Nemotron 3 '*' layers).
 
 The attention core goes through `tokamax.dot_product_attention`: its Mosaic kernels serve Hopper and its XLA
-implementation serves the CPU. Packed documents are kept apart with a segment mask.
+implementation serves the CPU. Packed documents are kept apart with a segment mask. With a decode cache the new
+K/V are written into it and the queries attend over it (`ops.cached_attention`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import tokamax
 from flax import nnx
 
 from nemotron_jax.config import ModelConfig
+from nemotron_jax.layers.cache import AttnCache, CacheIndex
 from nemotron_jax.layers.common import Linear, dtype_of
 from nemotron_jax.layers.mlp import out_proj_std
+from nemotron_jax.ops.cached_attention import cached_attention, write_kv
 
 
 def segment_mask(segment_ids_bt: jax.Array | None) -> jax.Array | None:
@@ -40,11 +43,23 @@ class Attention(nnx.Module):
         self.k_proj = Linear(d, kvd, axes=("embed", "kv_heads"), std=std, **kw)
         self.v_proj = Linear(d, kvd, axes=("embed", "kv_heads"), std=std, **kw)
         self.o_proj = Linear(qd, d, axes=("q_heads", "embed"), std=out_proj_std(cfg), **kw)
+        self.dtype = dtype_of(cfg.dtype)
 
-    def __call__(self, x_btd: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    def init_cache(self, batch: int, max_len: int) -> AttnCache:
+        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+        return AttnCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+    def __call__(self, x_btd: jax.Array, *, segment_ids: jax.Array | None = None, cache: AttnCache | None = None,
+                 index: CacheIndex | None = None) -> tuple[jax.Array, AttnCache | None, None]:
         b, t, _ = x_btd.shape
         q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
-        o = causal_attention(q, k, v, segment_ids)
-        return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
+        if cache is None:
+            o = causal_attention(q, k, v, segment_ids)
+        else:
+            # entries past a row's valid tokens are written too; only queries at those (ignored) positions see
+            # them, and the row's next call overwrites them
+            cache = AttnCache(write_kv(cache.k, k, index.start), write_kv(cache.v, v, index.start))
+            o = cached_attention(q, cache.k, cache.v, index.start[:, None] + jnp.arange(t)[None, :])
+        return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim)), cache, None

@@ -7,6 +7,7 @@ from flax import nnx
 
 from nemotron_jax.config import LAYER_TYPES, ModelConfig
 from nemotron_jax.layers.attention import Attention
+from nemotron_jax.layers.cache import CacheIndex
 from nemotron_jax.layers.mamba2 import Mamba2Mixer
 from nemotron_jax.layers.mlp import MLP
 from nemotron_jax.layers.norms import RMSNorm
@@ -30,13 +31,16 @@ class Block(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.mixer = make_mixer(cfg, char, rngs=rngs, layer_idx=layer_idx)
 
-    def __call__(self, x_btd: jax.Array, *, segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-        h = self.norm(x_btd)
-        aux = None
-        if self.kind == "moe":
-            y, aux = self.mixer(h)
-        elif self.kind == "mlp":
-            y = self.mixer(h)
-        else:
-            y = self.mixer(h, segment_ids=segment_ids)
-        return x_btd + y.astype(x_btd.dtype), aux
+    def init_cache(self, batch: int, max_len: int):
+        """This block's decode cache (None for token-wise mixers)."""
+        if self.kind == "attention":
+            return self.mixer.init_cache(batch, max_len)
+        if self.kind == "mamba":
+            return self.mixer.init_cache(batch)
+        return None
+
+    def __call__(self, x_btd: jax.Array, *, segment_ids: jax.Array | None = None, cache=None,
+                 index: CacheIndex | None = None) -> tuple[jax.Array, object, dict | None]:
+        """(x + mixer(norm(x)), the mixer's new cache, its aux dict or None)."""
+        y, cache, aux = self.mixer(self.norm(x_btd), segment_ids=segment_ids, cache=cache, index=index)
+        return x_btd + y.astype(x_btd.dtype), cache, aux

@@ -1,29 +1,24 @@
 """The Mamba-2 mixer of Nemotron 3 ('M' layers), spec section 2.
 
 in_proj -> split [z | x | B | C | dt] -> causal depthwise conv1d (+bias) on xBC -> SiLU -> SSD scan
--> + D*x -> gated grouped RMSNorm with z -> out_proj. Also a prefill that returns decode caches and a
-one-token step, so generation can run the recurrence token by token.
+-> + D*x -> gated grouped RMSNorm with z -> out_proj. With a decode cache (layers/cache.py) a call continues
+from the cached conv tail and SSM state: one token runs the one-step recurrence, several tokens the chunked
+SSD from the cached state (or, with `index.keep_steps`, the recurrence token by token, keeping every state).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nemotron_jax.config import ModelConfig
+from nemotron_jax.layers.cache import CacheIndex, MambaCache
 from nemotron_jax.layers.common import Linear, dtype_of, param
 from nemotron_jax.layers.mlp import out_proj_std
 from nemotron_jax.layers.norms import GatedGroupRMSNorm
 from nemotron_jax.ops.ssd import ssd
-
-
-class MambaCache(NamedTuple):
-    conv_state: jax.Array  # [b, conv_dim, k]: the last k conv inputs (pre-activation x, B, C), oldest first
-    ssm_state: jax.Array  # [b, h, p, n] fp32
 
 
 def causal_conv1d(x_btc: jax.Array, w_kc: jax.Array, b_c: jax.Array | None,
@@ -115,38 +110,61 @@ class Mamba2Mixer(nnx.Module):
         y = y.reshape(*y.shape[:-2], self.d_inner).astype(self.dtype)
         return self.out_proj(self.norm(y, z))
 
-    def __call__(self, u_btd: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-        return self.prefill(u_btd, segment_ids=segment_ids, return_cache=False)
-
-    def prefill(self, u_btd: jax.Array, *, segment_ids: jax.Array | None = None, return_cache: bool = True):
-        """Full-sequence forward; with return_cache, also the MambaCache after the last token."""
-        z, xbc_raw, dt_raw = self._split_in(self.in_proj(u_btd))
+    def _conv_in(self, xbc_raw, segment_ids=None, history=None):
         conv_b = self.conv_bias[...] if self.conv_bias is not None else None
-        xbc = jax.nn.silu(causal_conv1d(xbc_raw, self.conv_weight[...], conv_b, segment_ids).astype(jnp.float32))
-        x, b, c = self._split_xbc(xbc.astype(self.dtype))
-        dt = self._dt(dt_raw)
-        out = ssd(x, dt, self._A(), b, c, chunk_size=self.cfg.chunk_size, segment_ids=segment_ids,
-                  return_final_state=return_cache, impl=self.cfg.ssd_impl)
-        y, state = out if return_cache else (out, None)
-        o = self._finish(y, x, z)
-        if not return_cache:
-            return o
-        k = self.cfg.conv_kernel
-        pad = jnp.zeros((xbc_raw.shape[0], k, self.conv_dim), xbc_raw.dtype)
-        tail = jnp.concatenate([pad, xbc_raw], axis=1)[:, -k:]  # [b, k, conv_dim]
-        return o, MambaCache(jnp.swapaxes(tail, 1, 2), state.astype(jnp.float32))
+        y = causal_conv1d(xbc_raw, self.conv_weight[...], conv_b, segment_ids, history)
+        return jax.nn.silu(y.astype(jnp.float32)).astype(self.dtype)
+
+    def __call__(self, u_btd: jax.Array, *, segment_ids: jax.Array | None = None, cache: MambaCache | None = None,
+                 index: CacheIndex | None = None) -> tuple[jax.Array, MambaCache | None, None]:
+        if cache is None:
+            z, xbc_raw, dt_raw = self._split_in(self.in_proj(u_btd))
+            x, b, c = self._split_xbc(self._conv_in(xbc_raw, segment_ids))
+            y = ssd(x, self._dt(dt_raw), self._A(), b, c, chunk_size=self.cfg.chunk_size, segment_ids=segment_ids,
+                    impl=self.cfg.ssd_impl)
+            return self._finish(y, x, z), None, None
+        if index.keep_steps:
+            return self._steps(u_btd, cache)
+        if u_btd.shape[1] == 1:
+            y, cache = self.step(u_btd[:, 0], cache)
+            return y[:, None], cache, None
+        return self._chunk(u_btd, cache, index.valid)
+
+    def _chunk(self, u_btd, cache: MambaCache, valid_b):
+        """T tokens from the cache with the chunked SSD. Right padding (t >= valid[b]) gets dt = 0, so the state
+        passes through it unchanged, and the new conv tail is read at each row's own end."""
+        z, xbc_raw, dt_raw = self._split_in(self.in_proj(u_btd))
+        hist = jnp.swapaxes(cache.conv, 1, 2)  # [b, k-1, conv_dim]
+        x, b, c = self._split_xbc(self._conv_in(xbc_raw, history=hist))
+        t = u_btd.shape[1]
+        real = (jnp.arange(t)[None, :] < valid_b[:, None])[..., None]  # [b, t, 1]
+        dt = jnp.where(real, self._dt(dt_raw), 0.0)
+        y, state = ssd(x, dt, self._A(), b, c, chunk_size=self.cfg.chunk_size, initial_state=cache.ssm,
+                       return_final_state=True, impl=self.cfg.ssd_impl)
+        km1 = self.cfg.conv_kernel - 1
+        xp = jnp.concatenate([hist, xbc_raw.astype(hist.dtype)], axis=1)  # [b, k-1+t, conv_dim]
+        tail = jax.vmap(lambda r, v: jax.lax.dynamic_slice_in_dim(r, v, km1, axis=0))(xp, valid_b)
+        return self._finish(y, x, z), MambaCache(jnp.swapaxes(tail, 1, 2), state.astype(cache.ssm.dtype)), None
+
+    def _steps(self, u_btd, cache: MambaCache):
+        """T tokens through the one-step recurrence, returning the cache after every token (step axis 1)."""
+        def body(c, u_bd):
+            y, c = self.step(u_bd, c)
+            return c, (y, c)
+        _, (y_tbd, caches) = jax.lax.scan(body, cache, jnp.swapaxes(u_btd, 0, 1))
+        return jnp.swapaxes(y_tbd, 0, 1), jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), caches), None
 
     def init_cache(self, batch: int) -> MambaCache:
         c = self.cfg
-        return MambaCache(jnp.zeros((batch, self.conv_dim, c.conv_kernel), self.dtype),
-                          jnp.zeros((batch, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size), jnp.float32))
+        return MambaCache(jnp.zeros((batch, self.conv_dim, c.conv_kernel - 1), self.dtype),
+                          jnp.zeros((batch, c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size),
+                                    dtype_of(c.mamba_ssm_cache_dtype)))
 
     def step(self, u_bd: jax.Array, cache: MambaCache) -> tuple[jax.Array, MambaCache]:
         """One token [b, d] -> output [b, d] and the updated cache (the SSD recurrence, one step)."""
         z, xbc_raw, dt_raw = self._split_in(self.in_proj(u_bd))
-        conv_state = jnp.concatenate([cache.conv_state[:, :, 1:], xbc_raw[:, :, None].astype(cache.conv_state.dtype)],
-                                     axis=-1)  # [b, conv_dim, k]
-        conv = jnp.einsum("bck,kc->bc", conv_state.astype(jnp.float32), self.conv_weight[...].astype(jnp.float32))
+        window = jnp.concatenate([cache.conv, xbc_raw[:, :, None].astype(cache.conv.dtype)], axis=-1)  # [b, c, k]
+        conv = jnp.einsum("bck,kc->bc", window.astype(jnp.float32), self.conv_weight[...].astype(jnp.float32))
         if self.conv_bias is not None:
             conv = conv + self.conv_bias[...].astype(jnp.float32)
         x, b, c = self._split_xbc(jax.nn.silu(conv).astype(self.dtype))  # [b,h,p], [b,g,n], [b,g,n]
@@ -155,6 +173,6 @@ class Mamba2Mixer(nnx.Module):
         b_h = jnp.repeat(b.astype(jnp.float32), rep, axis=1)  # [b, h, n]
         c_h = jnp.repeat(c.astype(jnp.float32), rep, axis=1)
         decay = jnp.exp(dt * self._A())[:, :, None, None]
-        s = decay * cache.ssm_state + (dt[:, :, None] * x.astype(jnp.float32))[..., None] * b_h[:, :, None, :]
+        s = decay * cache.ssm.astype(jnp.float32) + (dt[:, :, None] * x.astype(jnp.float32))[..., None] * b_h[:, :, None, :]
         y = jnp.einsum("bhpn,bhn->bhp", s, c_h)
-        return self._finish(y, x, z), MambaCache(conv_state, s)
+        return self._finish(y, x, z), MambaCache(window[:, :, 1:], s.astype(cache.ssm.dtype))

@@ -26,5 +26,9 @@ class MLP(nnx.Module):
         self.up_proj = Linear(cfg.hidden_size, m, axes=("embed", "mlp"), std=cfg.initializer_range, **kw)
         self.down_proj = Linear(m, cfg.hidden_size, axes=("mlp", "embed"), std=out_proj_std(cfg), **kw)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
+    def ffn(self, x_btd: jax.Array) -> jax.Array:
         return self.down_proj(relu2(self.up_proj(x_btd)))
+
+    def __call__(self, x_btd: jax.Array, *, segment_ids=None, cache=None, index=None) -> tuple[jax.Array, None, None]:
+        """The mixer call shape (see layers/cache.py); token-wise, so it holds no cache."""
+        return self.ffn(x_btd), None, None

@@ -1,7 +1,7 @@
 """MoE / LatentMoE block mixer (spec section 2): fp32 sigmoid router with correction bias, dropless routed
 squared-ReLU experts (grouped GEMMs via ragged_dot, or expert-parallel all-to-all on a mesh), shared expert.
 
-`MoE(cfg, rngs=...)(h_btd) -> (y_btd, aux)`, h the pre-normed block input; y = routed + shared (the residual
+`MoE(cfg, rngs=...)(h_btd) -> (y_btd, None, aux)` (the mixer call shape; token-wise, no cache), h the pre-normed block input; y = routed + shared (the residual
 block adds x). Parameter names follow HF NemotronH (gate, experts.up_proj/down_proj, shared_experts,
 fc1_latent_proj / fc2_latent_proj) so a converter maps them one to one (HF stores [out, in]; we store [in, out]).
 """
@@ -104,7 +104,8 @@ class MoE(nnx.Module):
         sizes = ep_ops.mesh_axis_sizes(mesh)
         return mesh if sizes and math.prod(sizes.values()) > 1 else None
 
-    def __call__(self, h_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, h_btd: jax.Array, *, segment_ids=None, cache=None,
+                 index=None) -> tuple[jax.Array, None, dict[str, jax.Array]]:
         cfg = self.cfg
         b, t, _ = h_btd.shape
         k = cfg.num_experts_per_tok
@@ -128,9 +129,9 @@ class MoE(nnx.Module):
         r = r_ni.reshape(b, t, -1)
         if self.fc2_latent_proj is not None:
             r = self.fc2_latent_proj(r)
-        y = r if self.shared_experts is None else r + self.shared_experts(x)
+        y = r if self.shared_experts is None else r + self.shared_experts.ffn(x)
         aux = {"aux_loss": aux_loss, "expert_counts": counts, "dropped": dropped}
-        return y.astype(self.dtype), aux
+        return y.astype(self.dtype), None, aux
 
 
 # ----------------------------------------------------------------------------- load balancing helpers

@@ -29,12 +29,17 @@ class MTPBlock(nnx.Module):
                                 for i, ch in enumerate(cfg.mtp_hybrid_override_pattern)])
         self.final_layernorm = RMSNorm(d, eps=eps)
 
-    def __call__(self, h_prev_btd: jax.Array, emb_next_btd: jax.Array, *,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, list]:
+    def init_cache(self, batch: int, max_len: int) -> tuple:
+        return tuple(blk.init_cache(batch, max_len) for blk in self.layers)
+
+    def __call__(self, h_prev_btd: jax.Array, emb_next_btd: jax.Array, *, segment_ids: jax.Array | None = None,
+                 cache: tuple | None = None, index=None) -> tuple[jax.Array, list, tuple | None]:
+        """(h^k, aux dicts of its MoE layers, new cache when `cache` is given: one entry per layer)."""
         u = self.eh_proj(jnp.concatenate([self.enorm(emb_next_btd), self.hnorm(h_prev_btd)], axis=-1))
-        auxes = []
-        for blk in self.layers:
-            u, aux = blk(u, segment_ids=segment_ids)
+        auxes, new_cache = [], []
+        for i, blk in enumerate(self.layers):
+            u, c, aux = blk(u, segment_ids=segment_ids, cache=None if cache is None else cache[i], index=index)
+            new_cache.append(c)
             if aux is not None:
                 auxes.append(aux)
-        return self.final_layernorm(u), auxes
+        return self.final_layernorm(u), auxes, (tuple(new_cache) if cache is not None else None)

@@ -25,7 +25,7 @@ from nemotron_jax import model as M
 from nemotron_jax.config import ConfigError
 from nemotron_jax.data import make_dataset, make_tokenizer, unigram_baseline
 from nemotron_jax.experiment import model_config_from
-from nemotron_jax.generate import sample
+from nemotron_jax.inference.engine import generate
 from nemotron_jax.train import mesh as mesh_lib
 from nemotron_jax.train.checkpoint import Checkpointer
 from nemotron_jax.train.optim import make_optimizer, wsd_schedule
@@ -264,9 +264,10 @@ def train(exp, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str
         val_loss = validate()
     plot_losses(log.rows, baseline, workdir / "loss.png", f"{exp.model.preset} ({cfg.precision})")
     prompt = tokenizer.encode(exp.sample.prompt)
-    new = sample(graphdef, (state.params, state.rest), prompt, max_new_tokens=exp.sample.length,
-                 temperature=exp.sample.temperature, seed=exp.seed)
-    text = exp.sample.prompt + tokenizer.decode(new)
+    out = generate((graphdef, (state.params, state.rest)), [prompt], max_new_tokens=exp.sample.length,
+                   temperature=exp.sample.temperature, top_k=exp.sample.get("top_k"), top_p=exp.sample.get("top_p", 1.0),
+                   seed=exp.seed)
+    text = exp.sample.prompt + tokenizer.decode(out.tokens[0])
     (workdir / "sample.txt").write_text(text)
     summary = {"steps": exp.steps, "val_loss": val_loss, "unigram_baseline": baseline, "first_train_loss": first_loss,
                "precision": cfg.precision, "sample": text}
