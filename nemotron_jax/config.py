@@ -57,7 +57,7 @@ class ModelConfig:
     time_step_floor: float = 1e-4
     # Clamp on softplus(dt + dt_bias). Training (Megatron) uses (0, inf); HF 5.24 parity needs (1e-3, inf).
     time_step_limit: tuple[float, float] = (0.0, math.inf)
-    mamba_ssm_cache_dtype: str = "float32"
+    mamba_ssm_cache_dtype: str = "float32"  # dtype of the SSM state held in the decode cache
     # nemotron_jax.ops.ssd implementation. "auto" (Pallas kernel on GPU where supported) becomes the default once
     # benchmarks/gpu_ssd.py has validated the compiled kernel on a GPU; until then the chunked jnp op.
     ssd_impl: str = "chunked"
@@ -185,6 +185,9 @@ class ModelConfig:
             bad("moe_capacity_factor", "must be positive or None", "use None for dropless dispatch")
         if self.dtype not in _COMPUTE_DTYPES:
             bad("dtype", "unsupported compute dtype", f"use one of {_COMPUTE_DTYPES}")
+        if self.mamba_ssm_cache_dtype not in _COMPUTE_DTYPES:
+            bad("mamba_ssm_cache_dtype", "unsupported dtype for the Mamba decode state",
+                f"use one of {_COMPUTE_DTYPES} (float32 is what Nemotron 3 uses)")
         if self.param_dtype not in _COMPUTE_DTYPES:
             bad("param_dtype", "unsupported parameter dtype", f"use one of {_COMPUTE_DTYPES}")
         if self.precision not in _PRECISIONS:

@@ -179,10 +179,9 @@ def _emit(c: _Loop, tok, stop_ids, budget: Budget | None):
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
 def _decode(graphdef, state, c: _Loop, until, stop_ids, sampling: Sampling, budget: Budget | None) -> _Loop:
     model = merge(graphdef, state)
-    max_new = c.tokens.shape[1]
 
     def cond(c):
-        return (c.step < jnp.minimum(until, max_new)) & ~jnp.all(c.done)
+        return (c.step < until) & ~jnp.all(c.done)
 
     def body(c):
         key, sub = jax.random.split(c.key)
@@ -294,15 +293,16 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
 
     b = tokens_np.shape[0]
     m = len(budget.end_ids) if budget is not None else 1
-    c = _Loop(cache, logits, jnp.full((b, max_new_tokens), -1, jnp.int32),
-              jnp.full((b, max_new_tokens), jnp.nan, jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
+    width = max(16, 1 << (max_new_tokens - 1).bit_length())  # output buffers: a power of two, so nearby
+    c = _Loop(cache, logits, jnp.full((b, width), -1, jnp.int32),  # max_new_tokens share a compile
+              jnp.full((b, width), jnp.nan, jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
               jnp.full((b, m), -1, jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), bool),
               jax.random.key(seed), jnp.int32(0))
     t0 = time.perf_counter()
     done_steps = 0
     while done_steps < max_new_tokens:
-        c = _sync(_decode(graphdef, state, c, jnp.int32(done_steps + decode_chunk), jnp.asarray(stops), sampling,
-                          budget))
+        until = min(done_steps + decode_chunk, max_new_tokens)
+        c = _sync(_decode(graphdef, state, c, jnp.int32(until), jnp.asarray(stops), sampling, budget))
         step = int(c.step)
         if on_tokens is not None and step > done_steps:
             toks = np.asarray(c.tokens[:, done_steps:step])
