@@ -6,6 +6,8 @@ Shakespeare corpus with a byte tokenizer, on CPU, in a few minutes.
 
 import ml_collections
 
+from nemotron_jax.experiment import model_overrides
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -15,8 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"
-    # any ModelConfig field: --config.model.overrides.hidden_size=96
-    c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16"})  # compute; params stay fp32 masters
+    # every ModelConfig field is here (None keeps the preset's value): --config.model.overrides.hidden_size=96
+    c.model.overrides = model_overrides(dtype="bfloat16")  # compute dtype; params stay fp32 masters
 
     c.data = ml_collections.ConfigDict()
     c.data.source = ml_collections.config_dict.placeholder(str)  # None: the bundled corpus; or a .txt file / dir

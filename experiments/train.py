@@ -19,6 +19,13 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
+if __name__ == "__main__":  # before DEFINE_config_file, which applies the overrides as it is defined
+    from nemotron_jax.config import ConfigError
+    from nemotron_jax.experiment import check_override_flags
+    try:
+        check_override_flags(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 _CONFIG = config_flags.DEFINE_config_file("config", str(_ROOT / "configs" / "tiny.py"), "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, plot, sample)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() before anything else")
@@ -41,7 +48,11 @@ def main(argv) -> None:
                                    process_id=_PID.value)
     from nemotron_jax.train.loop import train  # noqa: PLC0415
 
-    summary = train(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+    from nemotron_jax.config import ConfigError  # noqa: PLC0415
+    try:
+        summary = train(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     gap = summary["unigram_baseline"] - summary["val_loss"]
     print(f"\nvalidation loss {summary['val_loss']:.4f} nats/token vs unigram baseline "
           f"{summary['unigram_baseline']:.4f} ({gap:+.4f} better)")

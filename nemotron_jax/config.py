@@ -11,8 +11,7 @@ from typing import Any
 
 LAYER_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 _COMPUTE_DTYPES = ("float32", "bfloat16")
-SSD_IMPLS = ("reference", "chunked", "pallas", "auto")
-_PRECISIONS = ("bf16", "nvfp4")
+PRECISIONS = ("bf16", "nvfp4")
 
 
 class ConfigError(ValueError):
@@ -26,10 +25,9 @@ class ModelConfig:
     hidden_size: int = 2688
     hybrid_override_pattern: str = "M*E"  # one char per block: M Mamba-2, * attention, E MoE, - MLP
     layer_norm_epsilon: float = 1e-5
-    tie_word_embeddings: bool = False
     initializer_range: float = 0.02  # std of normal init for linears and embeddings
     rescale_prenorm_residual: bool = True  # scale residual-branch output projections' init by 1/sqrt(2 * layers)
-    max_position_embeddings: int = 262144
+    max_position_embeddings: int = 262144  # longest context supported (no positional encoding): caps the decode cache
 
     # --- attention (GQA, no positional encoding) ---
     num_attention_heads: int = 32
@@ -190,15 +188,19 @@ class ModelConfig:
                 f"use one of {_COMPUTE_DTYPES} (float32 is what Nemotron 3 uses)")
         if self.param_dtype not in _COMPUTE_DTYPES:
             bad("param_dtype", "unsupported parameter dtype", f"use one of {_COMPUTE_DTYPES}")
-        if self.precision not in _PRECISIONS:
-            bad("precision", "unknown precision policy", f"use one of {_PRECISIONS}")
+        if self.precision not in PRECISIONS:
+            bad("precision", "unknown precision policy", f"use one of {PRECISIONS}")
         if not 0.0 <= self.nvfp4_bf16_last_fraction <= 1.0:
             bad("nvfp4_bf16_last_fraction", "must lie in [0, 1]", "Nemotron 3 keeps the last 0.15 in BF16")
         if self.nvfp4_bf16_last_layers is not None and not 0 <= self.nvfp4_bf16_last_layers <= self.num_hidden_layers:
             bad("nvfp4_bf16_last_layers", f"must lie in [0, num_hidden_layers={self.num_hidden_layers}] or be None",
                 "use None to apply nvfp4_bf16_last_fraction")
-        if self.ssd_impl not in SSD_IMPLS:
-            bad("ssd_impl", "unknown SSD implementation", f"use one of {SSD_IMPLS}")
+        # The op owns its list of implementations. Imported here, not at module level, so that config.py
+        # (the bottom layer) imports nothing of the package when loaded; by the time a config is built the
+        # package __init__ has already imported the op (through the model), so this is a dict lookup.
+        from nemotron_jax.ops.ssd import IMPLS as ssd_impls  # noqa: PLC0415
+        if self.ssd_impl not in ssd_impls:
+            bad("ssd_impl", "unknown SSD implementation", f"use one of {ssd_impls}")
         lo, hi = self.time_step_limit
         if not (0.0 <= lo < hi):
             bad("time_step_limit", "needs 0 <= low < high", "use (0.0, inf) for training or (1e-3, inf) for HF parity")
@@ -207,6 +209,10 @@ class ModelConfig:
                 "Megatron uses 1e-3 and 0.1")
         if self.mlp_hidden_act != "relu2":
             bad("mlp_hidden_act", "only squared ReLU is implemented", "use 'relu2'")
+        if self.mamba_hidden_act != "silu":
+            bad("mamba_hidden_act", "only SiLU is implemented for the Mamba conv", "use 'silu'")
+        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings < 1:
+            bad("max_position_embeddings", "must be a positive integer", "Nemotron 3 uses 262144")
         if self.layer_norm_epsilon <= 0:
             bad("layer_norm_epsilon", "must be positive", "Nemotron 3 uses 1e-5")
         if self.mtp_enabled:

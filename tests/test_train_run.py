@@ -144,3 +144,30 @@ def test_unknown_model_override_is_rejected():
         check_config(small_exp(**{"model.overrides": {"hidden_sise": 32}}))
     with pytest.raises(ConfigError, match="set config.precision instead"):
         check_config(small_exp(**{"model.overrides": {"precision": "nvfp4"}}))
+
+
+def test_any_model_field_overrides_from_the_cli_end_to_end(tmp_path):
+    """A vocabulary larger than the byte tokenizer's is legal: the run trains and its sample decodes ids past
+    255 as U+FFFD instead of crashing. hidden_size and the pattern change the model (its params count moves)."""
+    run = tmp_path / "big_vocab"
+    r = _cli(run, "--config.steps=2", "--config.eval_every=0", "--config.ckpt_every=0",
+             "--config.model.overrides.vocab_size=300", "--config.model.overrides.hidden_size=48",
+             "--config.model.overrides.hybrid_override_pattern=M*E", "--config.sample.temperature=2.0",
+             "--config.sample.top_k=0", "--config.sample.length=64")
+    assert "sample" in r.stdout
+    import json  # noqa: PLC0415
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["overrides"]["vocab_size"] == 300 and cfg["model"]["overrides"]["hidden_size"] == 48
+    sample = (run / "sample.txt").read_text(encoding="utf-8")
+    # 64 near-uniform draws over 300 ids: P(no id >= 256) = (256/300)^64 ~ 4e-5
+    assert sample.startswith("ROMEO:") and "\ufffd" in sample
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--config.model.overrides.vocab_sise=300", "did you mean 'vocab_size'"),
+    ("--config.model.overrides.precision=nvfp4", "set --config.precision instead"),
+    ("--config.model.overrides.vocab_size=100", "vocab_size=100 is smaller than the tokenizer's 256"),
+])
+def test_bad_model_overrides_are_refused_on_the_cli(tmp_path, flag, words):
+    r = _cli(tmp_path / "x", flag, check=False)
+    assert r.returncode != 0 and words in r.stderr, r.stderr[-2000:]

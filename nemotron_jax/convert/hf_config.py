@@ -290,8 +290,6 @@ def config_to_hf(cfg: ModelConfig, *, torch_dtype: str | None = None) -> dict[st
     def refuse(field: str, why: str) -> ConfigError:
         return ConfigError(f"ModelConfig.{field}={getattr(cfg, field)!r} cannot be exported to HF NemotronH: {why}")
 
-    if cfg.tie_word_embeddings:
-        raise refuse("tie_word_embeddings", "HF NemotronH never ties the LM head")
     for f in ("attention_bias", "mlp_bias", "mamba_proj_bias"):
         if getattr(cfg, f):
             raise refuse(f, "HF has no such bias (or never reads the field)")

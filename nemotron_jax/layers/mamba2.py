@@ -18,6 +18,7 @@ from nemotron_jax.layers.cache import CacheIndex, MambaCache
 from nemotron_jax.layers.common import Linear, dtype_of, param
 from nemotron_jax.layers.mlp import out_proj_std
 from nemotron_jax.layers.norms import GatedGroupRMSNorm
+from nemotron_jax.ops.activations import activation
 from nemotron_jax.ops.ssd import ssd
 
 
@@ -65,6 +66,7 @@ class Mamba2Mixer(nnx.Module):
         self.d_inner, self.conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
         pdt, cdt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
         self.dtype = cdt
+        self.act = activation(cfg.mamba_hidden_act)
         self.in_proj = Linear(cfg.hidden_size, cfg.mamba_in_proj_dim, axes=("embed", "mamba_in"), rngs=rngs,
                               std=cfg.initializer_range, use_bias=cfg.mamba_proj_bias, dtype=cdt, param_dtype=pdt)
         # torch Conv1d default init: U(+-1/sqrt(fan_in)), fan_in = k for a depthwise conv.
@@ -113,7 +115,7 @@ class Mamba2Mixer(nnx.Module):
     def _conv_in(self, xbc_raw, segment_ids=None, history=None):
         conv_b = self.conv_bias[...] if self.conv_bias is not None else None
         y = causal_conv1d(xbc_raw, self.conv_weight[...], conv_b, segment_ids, history)
-        return jax.nn.silu(y.astype(jnp.float32)).astype(self.dtype)
+        return self.act(y.astype(jnp.float32)).astype(self.dtype)
 
     def __call__(self, u_btd: jax.Array, *, segment_ids: jax.Array | None = None, cache: MambaCache | None = None,
                  index: CacheIndex | None = None) -> tuple[jax.Array, MambaCache | None, None]:
@@ -167,7 +169,7 @@ class Mamba2Mixer(nnx.Module):
         conv = jnp.einsum("bck,kc->bc", window.astype(jnp.float32), self.conv_weight[...].astype(jnp.float32))
         if self.conv_bias is not None:
             conv = conv + self.conv_bias[...].astype(jnp.float32)
-        x, b, c = self._split_xbc(jax.nn.silu(conv).astype(self.dtype))  # [b,h,p], [b,g,n], [b,g,n]
+        x, b, c = self._split_xbc(self.act(conv).astype(self.dtype))  # [b,h,p], [b,g,n], [b,g,n]
         dt = self._dt(dt_raw)  # [b, h]
         rep = self.cfg.mamba_num_heads // self.cfg.n_groups
         b_h = jnp.repeat(b.astype(jnp.float32), rep, axis=1)  # [b, h, n]

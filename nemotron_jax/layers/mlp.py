@@ -9,7 +9,7 @@ from flax import nnx
 
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.common import Linear, dtype_of
-from nemotron_jax.ops.activations import relu2
+from nemotron_jax.ops.activations import activation
 
 
 def out_proj_std(cfg: ModelConfig) -> float:
@@ -25,9 +25,10 @@ class MLP(nnx.Module):
         kw = dict(rngs=rngs, use_bias=cfg.mlp_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         self.up_proj = Linear(cfg.hidden_size, m, axes=("embed", "mlp"), std=cfg.initializer_range, **kw)
         self.down_proj = Linear(m, cfg.hidden_size, axes=("mlp", "embed"), std=out_proj_std(cfg), **kw)
+        self.act = activation(cfg.mlp_hidden_act)
 
     def ffn(self, x_btd: jax.Array) -> jax.Array:
-        return self.down_proj(relu2(self.up_proj(x_btd)))
+        return self.down_proj(self.act(self.up_proj(x_btd)))
 
     def __call__(self, x_btd: jax.Array, *, segment_ids=None, cache=None, index=None) -> tuple[jax.Array, None, None]:
         """The mixer call shape (see layers/cache.py); token-wise, so it holds no cache."""

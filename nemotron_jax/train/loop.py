@@ -22,9 +22,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from nemotron_jax import model as M
-from nemotron_jax.config import ConfigError
+from nemotron_jax.config import PRECISIONS, ConfigError
 from nemotron_jax.data import make_dataset, make_tokenizer, unigram_baseline
 from nemotron_jax.experiment import model_config_from
+from nemotron_jax.inference.detokenize import safe_decode
 from nemotron_jax.inference.engine import generate
 from nemotron_jax.train import mesh as mesh_lib
 from nemotron_jax.train.checkpoint import Checkpointer
@@ -44,7 +45,7 @@ def check_config(exp) -> None:
     need(exp.steps >= 1, "steps", f"got {exp.steps}", "train for at least one step")
     need(exp.data.seq_len >= 2, "data.seq_len", f"got {exp.data.seq_len}", "use at least 2 tokens")
     need(exp.data.batch_size >= 1, "data.batch_size", f"got {exp.data.batch_size}", "use a positive batch")
-    need(exp.precision in ("bf16", "nvfp4"), "precision", f"unknown precision {exp.precision!r}", "use bf16 or nvfp4")
+    need(exp.precision in PRECISIONS, "precision", f"unknown precision {exp.precision!r}", f"use one of {PRECISIONS}")
     src = exp.data.source
     need(src is None or os.path.exists(src), "data.source", f"path {src!r} does not exist",
          "point it at a text file or a directory of .txt files (None uses the bundled corpus)")
@@ -267,7 +268,7 @@ def train(exp, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str
     out = generate((graphdef, (state.params, state.rest)), [prompt], max_new_tokens=exp.sample.length,
                    temperature=exp.sample.temperature, top_k=exp.sample.get("top_k"), top_p=exp.sample.get("top_p", 1.0),
                    seed=exp.seed)
-    text = exp.sample.prompt + tokenizer.decode(out.tokens[0])
+    text = exp.sample.prompt + safe_decode(tokenizer, out.tokens[0])  # ids past the tokenizer's end show as U+FFFD
     (workdir / "sample.txt").write_text(text)
     summary = {"steps": exp.steps, "val_loss": val_loss, "unigram_baseline": baseline, "first_train_loss": first_loss,
                "precision": cfg.precision, "sample": text}
