@@ -29,6 +29,7 @@ class ModelOutput(NamedTuple):
     moe_aux: tuple  # one aux dict per MoE layer of the main stack, in order
     mtp_logits: tuple  # per MTP depth k=1..D: [b, t, v], position i predicts token i+k+1
     mtp_moe_aux: tuple  # aux dicts of the MTP block's MoE layers, over all depths
+    expert_loads: dict  # {MoE layer_idx: tokens per expert [e] int32}; a shared MTP layer sums over its depths
 
 
 def shift_tokens(tokens_bt: jax.Array, k: int, fill: int = 0) -> jax.Array:
@@ -84,12 +85,13 @@ class NemotronModel(nnx.Module):
 
     def _forward(self, tokens_bt, segment_ids, mtp) -> ModelOutput:
         x = self.embed(tokens_bt)
-        moe_aux = []
+        moe_aux, loads = [], {}
         for i, blk in enumerate(self.layers):
             with jax.named_scope(f"layer{i}_{blk.kind}"):
                 x, _, aux = blk(x, segment_ids=segment_ids)
             if aux is not None:
                 moe_aux.append(aux)
+                loads[blk.mixer.layer_idx] = aux["expert_counts"]
         hidden = self.norm_f(x)
         logits = self.logits(hidden)
         mtp_logits, mtp_aux = [], []
@@ -102,7 +104,15 @@ class NemotronModel(nnx.Module):
                 h, auxes, _ = self.mtp(h, self.embed(shift_tokens(tokens_bt, k)), segment_ids=segment_ids)
                 mtp_logits.append(self.logits(h))
                 mtp_aux.extend(auxes)
-        return ModelOutput(logits, hidden, tuple(moe_aux), tuple(mtp_logits), tuple(mtp_aux))
+                for idx, aux in zip(self.mtp.moe_layer_indices, auxes):
+                    loads[idx] = loads[idx] + aux["expert_counts"] if idx in loads else aux["expert_counts"]
+        return ModelOutput(logits, hidden, tuple(moe_aux), tuple(mtp_logits), tuple(mtp_aux), loads)
+
+    def update_router_biases(self, expert_loads: dict) -> None:
+        """In place: the aux-loss-free bias update of every MoE layer from `ModelOutput.expert_loads`."""
+        from nemotron_jax.layers.moe import update_router_biases  # noqa: PLC0415
+        if expert_loads:
+            update_router_biases(self, expert_loads)
 
     def __call__(self, tokens_bt: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
         return self.forward(tokens_bt, segment_ids=segment_ids, mtp=False).logits
@@ -153,6 +163,13 @@ def init_model(cfg: ModelConfig, seed: int = 0) -> NemotronModel:
 def abstract_model(cfg: ModelConfig) -> NemotronModel:
     """The model with ShapeDtypeStruct leaves: no memory is allocated (Ultra fits on a laptop)."""
     return nnx.eval_shape(lambda: NemotronModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def updated_router_biases(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, expert_loads: dict) -> nnx.State:
+    """Pure form of `update_router_biases` for a jitted step: `rest` (the non-Param state) after the update."""
+    model = nnx.merge(graphdef, params, rest)
+    model.update_router_biases(expert_loads)
+    return nnx.split(model, nnx.Param, ...)[2]
 
 
 def apply(graphdef: nnx.GraphDef, state: nnx.State | tuple, tokens_bt: jax.Array, *,

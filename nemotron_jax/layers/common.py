@@ -12,12 +12,16 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 
-def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
-    """An nnx.Param whose metadata carries its logical axis names (one per dim)."""
+def param(value: jax.Array, axes: Sequence[str | None], *, decay: bool = True) -> nnx.Param:
+    """An nnx.Param whose metadata carries its logical axis names (one per dim) and its role for the optimizer.
+
+    decay=False: no weight decay (Mamba's per-head dynamics, norm scales, biases). The optimizer reads this
+    metadata (`train.optim.weight_decay_mask`), never the parameter's name.
+    """
     axes = tuple(axes)
     if len(axes) != value.ndim:
         raise ValueError(f"param of shape {value.shape} needs {value.ndim} axis names, got {axes}")
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, decay=decay)
 
 
 def normal_init(std: float) -> Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]:
@@ -42,7 +46,7 @@ class Linear(nnx.Module):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
         self.kernel = param(normal_init(std)(rngs.params(), (in_features, out_features), param_dtype), axes)
-        self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
+        self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],), decay=False) if use_bias else None
         self.matmul = None  # set by the precision policy: fn(x, w) -> y
 
     def __call__(self, x: jax.Array) -> jax.Array:

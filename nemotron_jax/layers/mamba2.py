@@ -73,12 +73,13 @@ class Mamba2Mixer(nnx.Module):
         bound = 1.0 / math.sqrt(k)
         self.conv_weight = param(jax.random.uniform(rngs.params(), (k, self.conv_dim), pdt, -bound, bound),
                                  ("conv_kernel", "mamba_conv"))
-        self.conv_bias = (param(jax.random.uniform(rngs.params(), (self.conv_dim,), pdt, -bound, bound), ("mamba_conv",))
+        self.conv_bias = (param(jax.random.uniform(rngs.params(), (self.conv_dim,), pdt, -bound, bound), ("mamba_conv",),
+                                decay=False)
                           if cfg.use_conv_bias else None)
         self.dt_bias = param(_init_dt_bias(rngs.params(), h, cfg.time_step_min, cfg.time_step_max,
-                                           cfg.time_step_floor).astype(pdt), ("mamba_heads",))
-        self.A_log = param(_init_a_log(rngs.params(), h).astype(pdt), ("mamba_heads",))
-        self.D = param(jnp.ones((h,), pdt), ("mamba_heads",))
+                                           cfg.time_step_floor).astype(pdt), ("mamba_heads",), decay=False)
+        self.A_log = param(_init_a_log(rngs.params(), h).astype(pdt), ("mamba_heads",), decay=False)
+        self.D = param(jnp.ones((h,), pdt), ("mamba_heads",), decay=False)
         self.norm = GatedGroupRMSNorm(self.d_inner, groups=g, eps=cfg.layer_norm_epsilon, param_dtype=pdt)
         self.out_proj = Linear(self.d_inner, cfg.hidden_size, axes=("mamba_inner", "embed"), rngs=rngs,
                                std=out_proj_std(cfg), use_bias=cfg.mamba_proj_bias, dtype=cdt, param_dtype=pdt)

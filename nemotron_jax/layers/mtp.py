@@ -28,6 +28,8 @@ class MTPBlock(nnx.Module):
         self.layers = nnx.List([Block(cfg, ch, rngs=rngs, layer_idx=n + i)
                                 for i, ch in enumerate(cfg.mtp_hybrid_override_pattern)])
         self.final_layernorm = RMSNorm(d, eps=eps)
+        # layer_idx of this block's MoE layers, in call order (their aux dicts come back in this order)
+        self.moe_layer_indices = tuple(blk.mixer.layer_idx for blk in self.layers if blk.kind == "moe")
 
     def init_cache(self, batch: int, max_len: int) -> tuple:
         return tuple(blk.init_cache(batch, max_len) for blk in self.layers)

@@ -19,7 +19,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, axis_name: str = "embed", param_dtype=jnp.float32):
         self.eps = eps
-        self.weight = param(jnp.ones((dim,), param_dtype), (axis_name,))
+        self.weight = param(jnp.ones((dim,), param_dtype), (axis_name,), decay=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.weight[...], self.eps)
@@ -40,7 +40,7 @@ def gated_group_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, *, group
 class GatedGroupRMSNorm(nnx.Module):
     def __init__(self, dim: int, *, groups: int, eps: float, param_dtype=jnp.float32):
         self.groups, self.eps = groups, eps
-        self.weight = param(jnp.ones((dim,), param_dtype), ("mamba_inner",))
+        self.weight = param(jnp.ones((dim,), param_dtype), ("mamba_inner",), decay=False)
 
     def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
         return gated_group_rms_norm(y, z, self.weight[...], groups=self.groups, eps=self.eps)

@@ -5,32 +5,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-# Parameter names that never get weight decay: Mamba's per-head dynamics, every norm scale, every bias.
-_NO_DECAY_NAMES = {"A_log", "D", "dt_bias", "bias", "conv_bias"}
-
-
-def _path_names(path) -> list[str]:
-    out = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
-        out.append(str(name))
-    return out
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
-def decays(path) -> bool:
-    """True when the parameter at `path` takes weight decay."""
-    names = _path_names(path)
-    if names and names[-1] == "value":  # nnx.State leaves may end in the Variable's value
-        names = names[:-1]
-    if any(n in _NO_DECAY_NAMES for n in names[-1:]):
-        return False
-    # norm scales live in modules named norm / norm_f / enorm / hnorm / final_layernorm
-    return not any(n.endswith("norm") or n.endswith("norm_f") or n == "final_layernorm" for n in names[:-1])
+def decays(variable: nnx.Variable) -> bool:
+    """Whether a parameter takes weight decay: the `decay` metadata set where it is defined (layers/common.param)."""
+    return bool(variable.get_metadata().get("decay", True))
 
 
 def weight_decay_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda p, _: decays(p), params)
+    """The params tree with each array replaced by its Variable's `decay` flag (optax's mask)."""
+    return jax.tree.map(lambda v: jax.tree.map(lambda _: decays(v), v) if _is_variable(v) else True,
+                        params, is_leaf=_is_variable)
 
 
 def wsd_schedule(peak_lr: float, total_steps: int, warmup_steps: int, decay_fraction: float = 0.2,
