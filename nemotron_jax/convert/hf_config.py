@@ -269,7 +269,7 @@ def config_from_hf(hf: dict[str, Any] | str | Path, *, dtype: str = "float32", s
         [_parse_float("time_step_limit", x) for x in lim]  # validated, then ignored like HF does
 
     kw.update(hybrid_override_pattern=pattern, mtp_hybrid_override_pattern=mtp_pattern,
-              tie_word_embeddings=False, attention_bias=False, mlp_bias=False, mamba_proj_bias=False,
+              attention_bias=False, mlp_bias=False, mamba_proj_bias=False,
               time_step_limit=(kw["time_step_min"], math.inf), dtype=dtype, param_dtype=dtype)
     kw.update(overrides)
     return ModelConfig(**kw)
