@@ -48,8 +48,8 @@ except ImportError:
         sys.modules[name] = mod
 
 ssd_mod = importlib.import_module("nemotron_jax.ops.ssd")
-kernel = importlib.import_module("pallas_kernels.ssd")
-ssd = ssd_mod.ssd
+platform = importlib.import_module("nemotron_jax.platform")
+ssd, ssd_pallas = ssd_mod.ssd, ssd_mod.ssd_pallas   # ssd_pallas: one named kernel, with the op's custom VJP
 
 
 def inputs(b, t, h, p, g, n, dtype, seed=0):
@@ -95,7 +95,7 @@ def main(argv=None):
     report = dict(jax=jax.__version__, device=dev.device_kind, backend=jax.default_backend(),
                   shape=dict(h=h, p=p, g=g, n=n, chunk=L, b=a.b), checks=[], fwd=[], fwdbwd=[])
     print(f"# jax {jax.__version__}, {dev.device_kind} ({jax.default_backend()})", flush=True)
-    if jax.default_backend() != "gpu":
+    if not platform.on_gpu():
         print("# not on a GPU: the kernel would run interpreted; this script is for the H200 machine")
     HI, TF32 = lax.Precision.HIGHEST, lax.Precision.DEFAULT
 
@@ -118,7 +118,7 @@ def main(argv=None):
                 with jax.default_matmul_precision("highest"):
                     yc, sc = jax.jit(lambda *z: ssd(*z[:5], chunk_size=L, initial_state=z[5], segment_ids=seg,
                                                     return_final_state=True, impl="chunked"))(x, dt, A, B, C, S0)
-                yk, sk = jax.jit(lambda *z: kernel.ssd_pallas(
+                yk, sk = jax.jit(lambda *z: ssd_pallas(
                     *z[:5], chunk_size=L, initial_state=z[5], interpret=interp, backend=backend,
                     **(dict(precision=HI) if backend == "portable" else {}),
                     run_ids=None if seg is None else ssd_mod.segment_runs(seg)))(x, dt, A, B, C, S0)
@@ -145,12 +145,11 @@ def main(argv=None):
                 with jax.default_matmul_precision(prec):
                     return ssd(*z, chunk_size=L, impl="chunked")
             row[f"chunked_{prec}_ms"] = run(f"chunked {prec} T={t}", lambda: timeit(chunked, args, a.repeats))
-        mosaic = lambda *z: kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, backend="mosaic_gpu")[0]
+        mosaic = lambda *z: ssd_pallas(*z, chunk_size=L, interpret=interp, backend="mosaic_gpu")[0]
         row["mosaic_ms"] = run(f"mosaic T={t}", lambda: timeit(mosaic, args, a.repeats))
         for cfg in configs:
             name = f"pallas_bp{cfg['block_p']}_w{cfg['num_warps']}_{'tf32' if cfg['precision'] == TF32 else 'fp32'}_ms"
-            fn = lambda *z, cfg=cfg: kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, backend="portable",
-                                                       **cfg)[0]
+            fn = lambda *z, cfg=cfg: ssd_pallas(*z, chunk_size=L, interpret=interp, backend="portable", **cfg)[0]
             row[name] = run(f"{name} T={t}", lambda: timeit(fn, args, a.repeats))
         report["fwd"].append(row)
         print(f"  fwd T={t}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
@@ -163,11 +162,9 @@ def main(argv=None):
     best = dict(block_p=32, num_warps=4, precision=HI)   # edit after reading the fwd table
     loss = {
         "chunked": lambda *z: jnp.sum(ssd(*z, chunk_size=L, impl="chunked").astype(jnp.float32) ** 2),
-        "portable": lambda *z: jnp.sum(kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, backend="portable",
-                                                         **best, reference=ssd_mod.ssd_chunked)[0]
-                                       .astype(jnp.float32) ** 2),
-        "mosaic": lambda *z: jnp.sum(kernel.ssd_pallas(*z, chunk_size=L, interpret=interp, backend="mosaic_gpu",
-                                                       reference=ssd_mod.ssd_chunked)[0]
+        "portable": lambda *z: jnp.sum(ssd_pallas(*z, chunk_size=L, interpret=interp, backend="portable",
+                                                  **best)[0].astype(jnp.float32) ** 2),
+        "mosaic": lambda *z: jnp.sum(ssd_pallas(*z, chunk_size=L, interpret=interp, backend="mosaic_gpu")[0]
                                      .astype(jnp.float32) ** 2),
     }
     row = dict(T=t)

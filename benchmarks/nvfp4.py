@@ -66,13 +66,14 @@ def linear_ratio(tokens: int, k: int, n: int, iters: int) -> dict:
 
 
 def qdq_bandwidth(rows: int, cols: int, iters: int, block, rounding: str, hadamard: bool) -> dict:
+    from nemotron_jax import platform
     from nemotron_jax.quant import nvfp4
     from pallas_kernels import nvfp4 as K
 
     x = jax.random.normal(jax.random.key(0), (rows, cols), jnp.bfloat16)
     s = jnp.stack(nvfp4.tensor_scales(jnp.max(jnp.abs(nvfp4.rht(x) if hadamard else x.astype(jnp.float32)))))
     bits = nvfp4.random_bits(jax.random.key(1), x.shape) if rounding == "stochastic" else None
-    interpret = jax.default_backend() != "gpu"
+    interpret = platform.interpret_default()
     kern = jax.jit(lambda x, s, b: K.qdq_kernel(x, s, block=block, rounding=rounding, bits=b, hadamard=hadamard,
                                                 interpret=interpret)[0])
     copy = jax.jit(lambda x: x + jnp.asarray(0, x.dtype))  # one read + one write, not elided

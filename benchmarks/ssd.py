@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemotron_jax import platform
 from nemotron_jax.ops.ssd import ssd
 
 
@@ -80,7 +81,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the rows to this file")
     a = ap.parse_args(argv)
 
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = platform.on_gpu()
     impls = a.impls.split(",") if a.impls else ["reference", "chunked"] + (["pallas"] if on_gpu else [])
     ts = [int(v) for v in a.t.split(",")]
     dtype = jnp.dtype(a.dtype)

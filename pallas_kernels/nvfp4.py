@@ -1,6 +1,7 @@
 """Pallas kernels: fused NVFP4 quantize-dequantize (QDQ), 1x16 and 16x16 blocks, nearest or stochastic
 rounding, optional fused 16x16 RHT. Arrays in, arrays out; the jnp reference is nemotron_jax/quant/nvfp4.py
-and the dispatch is nemotron_jax.quant.qdq(impl=...).
+and the dispatch (which asks `supports` once per call and says whether to interpret) is
+nemotron_jax.quant.qdq(impl=...).
 
 Layout: x [..., K] is viewed (free reshape) as [R, K/16, 16] with R = prod(leading axes); a grid step owns a
 (br, bc, 16) tile: br rows by bc 16-blocks. For 16x16 tiles br = 16 (K and the second-to-last axis must be
@@ -140,7 +141,9 @@ def _kernel(*refs, two_d: bool, rounding: str, bit_src: str, hadamard: bool, nb:
 def qdq_kernel(x: jax.Array, scales: jax.Array, *, block=(1, 16), rounding: str = "nearest",
                bits: jax.Array | None = None, seed: jax.Array | None = None, hadamard: bool = False,
                out_dtype=None, interpret: bool = False, block_cols: int = 64, apply_tensor_scale: bool = True):
-    """Fused NVFP4 QDQ.
+    """Fused NVFP4 QDQ, for inputs `supports` accepts (not checked again here: the dispatch in
+    nemotron_jax.quant.dispatch asks once per call). ``interpret``: the caller decides (the kernel never
+    asks which platform it is on).
 
     x: [..., K] (K % 16 == 0; for 16x16 also x.shape[-2] % 16 == 0).
     scales: fp32 [2] = (S_enc, S_dec) from the tensor amax (of the RHT-rotated x when hadamard=True).
@@ -150,8 +153,6 @@ def qdq_kernel(x: jax.Array, scales: jax.Array, *, block=(1, 16), rounding: str 
     the S_dec multiply to the caller (as the tensor core applies it to the GEMM output).
     """
     block = tuple(block)
-    if not supports(x.shape, x.dtype, block):
-        raise ValueError(f"qdq_kernel does not support shape {x.shape} dtype {x.dtype} block {block}")
     two_d = block == (16, 16)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     k = x.shape[-1]

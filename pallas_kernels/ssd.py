@@ -1,30 +1,18 @@
-"""Pallas kernels for the Mamba-2 SSD chunked scan (forward); the backward is the VJP of a jnp op passed in.
+"""The portable Pallas kernel for the Mamba-2 SSD chunked scan (forward only).
 
-Public entry: ``nemotron_jax.ops.ssd.ssd(..., impl="pallas" | "auto")``. Here: `backend_for`,
-`supports`, `ssd_pallas` (kernel forward; differentiable when given a ``reference`` op) and the
-portable kernel. Like every kernel here they know arrays only: the chunked jnp op they
-differentiate through is handed in by ``nemotron_jax.ops.ssd``, not imported.
+A leaf: arrays in, arrays out. `supports` says which shapes it takes; `forward` runs it and does not
+check them again: the op (`nemotron_jax.ops.ssd`) asks `supports` once per call, chooses between this
+kernel, the Mosaic GPU one (`ssd_mosaic.py`) and the chunked jnp op, says whether to interpret, and
+owns the custom VJP (the backward is the chunked op's VJP).
 
-Two backends
-------------
-``"mosaic_gpu"`` (`ssd_mosaic.py`): the JAX-recommended GPU backend (wgmma, TMA, barriers). It
-covers the Nemotron 3 shapes (p = 64, n in {64, 128}, bf16/f16) and is what ``impl="auto"`` picks
-on a GPU. Off GPU it runs under Mosaic GPU's CPU interpreter, which the tests use (with its race
-detector on) against the token-by-token oracle; its lowering to Mosaic GPU IR is checked in the
-tests by cross-lowering for CUDA without a GPU.
+It uses the portable Pallas surface only (``pl.pallas_call`` with a grid and ``BlockSpec``s, ``pl.ds``
+slices, ``lax.fori_loop``, ``lax.dot_general``, elementwise jnp). It runs under ``interpret=True`` on
+CPU, serves every dtype (fp32 included: tested at fp32 tolerances) and power-of-two tile sizes, and
+on a GPU lowers through Pallas' Triton backend (deprecated since JAX 0.11), which is why the op's
+``impl="auto"`` never picks it.
 
-``"portable"`` (this file): the portable Pallas surface only (``pl.pallas_call`` with a grid and
-``BlockSpec``s, ``pl.ds`` slices, ``lax.fori_loop``, ``lax.dot_general``, elementwise jnp). It runs
-under ``interpret=True`` on CPU, serves every dtype (fp32 included: tested at fp32 tolerances) and
-power-of-two tile sizes, and on a GPU lowers through Pallas' Triton backend (deprecated since JAX
-0.11), so ``impl="auto"`` never picks it on a GPU; ``impl="pallas"`` uses it where the Mosaic GPU
-kernel does not apply.
-
-Until ``benchmarks/gpu_ssd.py`` has been run on a GPU, neither kernel has been compiled to PTX:
-the model's default stays the chunked op.
-
-Portable kernel layout
-----------------------
+Layout
+------
 Grid ``(b, h, p // block_p)``; each program owns one (batch row, head, slice of p) and walks
 the chunks sequentially with the state ``S [block_p, n]`` (fp32) carried in the loop, so the
 inter-chunk state pass needs no second kernel and no HBM round trip. Per chunk (length L):
@@ -41,34 +29,21 @@ over 128 tokens); the chunked jnp op sums the log-decays between s and l directl
 B/C of group ``head // (h // g)`` are read by the index map
 (no repeat in HBM). Matmuls use ``precision`` (default HIGHEST: IEEE fp32 on GPU, since the
 Triton default for fp32 is TF32).
-
-Backward (both backends)
-------------------------
-``jax.custom_vjp`` whose backward is ``jax.vjp`` of the ``reference`` op (the chunked jnp op,
-recomputing its forward from the saved inputs). Chosen over a Pallas backward because (a) it is exact by construction
-(the chunked op is tested against the oracle, including gradients), (b) it is XLA-fused O(T)
-work, and (c) a hand-written backward (dx, dB, dC, ddt, dA via reverse state pass) is a large
-kernel whose GPU lowering could not be tested here. Cost: training recomputes the forward once
-in XLA. A Pallas backward is the natural next step once a GPU can validate it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import ssd_mosaic
-
 f32 = jnp.float32
 
-BACKENDS = ("mosaic_gpu", "portable")
-SUPPORTED = (f"Mosaic GPU: {ssd_mosaic.SUPPORTED}; portable: chunk_size, head dim p and state dim n "
-             "powers of two in [16, 256], dtype float32, bfloat16 or float16, h divisible by g")
+SUPPORTED = ("chunk_size, head dim p and state dim n powers of two in [16, 256], dtype float32, bfloat16 "
+             "or float16, h divisible by g")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -76,26 +51,10 @@ def _pow2_in(v: int, lo: int = 16, hi: int = 256) -> bool:
     return lo <= v <= hi and (v & (v - 1)) == 0
 
 
-def _supported(x_shape, B_shape, chunk_size: int, dtype) -> dict[str, bool]:
-    return {"mosaic_gpu": ssd_mosaic.supports(x_shape, B_shape, dtype=dtype),
-            "portable": supports_portable(x_shape, B_shape, chunk_size=chunk_size, dtype=dtype)}
-
-
-def backend_for(x_shape, B_shape, *, chunk_size: int, dtype) -> str | None:
-    """The backend `ssd_pallas` uses for these shapes: the first of BACKENDS (Mosaic GPU, then
-    portable) that supports them, else None."""
-    ok = _supported(x_shape, B_shape, chunk_size, dtype)
-    return next((name for name in BACKENDS if ok[name]), None)
-
-
-def supports(x_shape, B_shape, *, chunk_size: int, dtype) -> bool:
-    """True when one of the two kernels handles x [b,t,h,p], B/C [b,t,g,n], chunk size and dtype."""
-    return backend_for(x_shape, B_shape, chunk_size=chunk_size, dtype=dtype) is not None
-
-
-def supports_portable(x_shape, B_shape, *, chunk_size: int, dtype) -> bool:
-    """The portable kernel: any T (padded to a multiple of the chunk); tile sizes powers of two
-    with matmul dims >= 16 (Triton's constraints)."""
+def supports(x_shape, B_shape, chunk_size: int, dtype) -> bool:
+    """True when this kernel handles x [b,t,h,p], B/C [b,t,g,n], ``chunk_size`` and ``dtype``: any T
+    (padded to a multiple of the chunk); tile sizes powers of two with matmul dims >= 16 (Triton's
+    constraints)."""
     try:
         b, t, h, p = x_shape
         _, _, g, n = B_shape
@@ -150,42 +109,32 @@ def _kernel(x_ref, dt_ref, dA_ref, B_ref, C_ref, runs_ref, s0_ref, y_ref, sf_ref
     sf_ref[...] = S
 
 
-class KernelConfig(NamedTuple):
-    """Static launch options (hashable: the custom_vjp's non-differentiable argument)."""
-    chunk_size: int
-    interpret: object                   # bool, or a plgpu.InterpretGPUParams for "mosaic_gpu"
-    backend: str = "portable"           # one of BACKENDS
-    # the rest: portable backend only
-    block_p: int | None = None          # p-slice per program (None: all of p); must divide p
-    precision: lax.Precision = lax.Precision.HIGHEST   # in-kernel dots; DEFAULT = TF32 on GPU
-    num_warps: int | None = None        # Triton launch options (None: Pallas defaults)
-    num_stages: int | None = None
-
-
-def _triton_params(cfg: KernelConfig):
-    if cfg.interpret or (cfg.num_warps is None and cfg.num_stages is None):
+def _triton_params(interpret: bool, num_warps: int | None, num_stages: int | None):
+    if interpret or (num_warps is None and num_stages is None):
         return None
     from jax.experimental.pallas import triton as plt
     cls = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams")
-    return cls(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _forward(x, dt, A, B, C, s0, run_ids, cfg: KernelConfig):
-    if cfg.backend == "mosaic_gpu":
-        return ssd_mosaic.forward(x, dt, A, B, C, s0, run_ids, interpret=cfg.interpret)
-    return _forward_portable(x, dt, A, B, C, s0, run_ids, cfg)
-
-
-def _forward_portable(x, dt, A, B, C, s0, run_ids, cfg: KernelConfig):
-    """Pad T, launch the portable kernel, slice. Returns (y [b,t,h,p] x.dtype, S [b,h,p,n] fp32)."""
+def forward(x, dt, A, B, C, s0, run_ids, *, chunk_size: int, interpret: bool, block_p: int | None = None,
+            precision=lax.Precision.HIGHEST, num_warps: int | None = None, num_stages: int | None = None):
+    """x [b,t,h,p], dt [b,t,h], A [h], B/C [b,t,g,n], s0 [b,h,p,n], run_ids [b,t] int or None, for
+    shapes `supports` accepts (not checked again here). Pads T to a multiple of ``chunk_size``,
+    launches the kernel, slices. ``interpret``: True (Pallas interpreter) or False (compile).
+    ``block_p``: p-slice per program (None: all of p; must divide p). ``precision``: in-kernel dots
+    (DEFAULT = TF32 on GPU). ``num_warps``, ``num_stages``: Triton launch options (None: Pallas'
+    defaults). Returns (y [b,t,h,p] in x's dtype, S [b,h,p,n] fp32)."""
+    if not isinstance(interpret, bool):
+        raise ValueError("the portable SSD kernel takes interpret=True/False, not Mosaic GPU interpreter params")
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    r, L = h // g, cfg.chunk_size
+    r, L = h // g, chunk_size
     nc = -(-t // L)
     T = nc * L
-    bp = p if cfg.block_p is None else cfg.block_p
+    bp = p if block_p is None else block_p
     if p % bp:
-        raise ValueError(f"block_p={cfg.block_p} must divide the head dim p={p}")
+        raise ValueError(f"block_p={block_p} must divide the head dim p={p}")
 
     def padt(a):
         return jnp.pad(a, [(0, 0), (0, T - t)] + [(0, 0)] * (a.ndim - 2))
@@ -207,7 +156,7 @@ def _forward_portable(x, dt, A, B, C, s0, run_ids, cfg: KernelConfig):
     args.append(s0.astype(f32))
     specs.append(state_spec)
 
-    kernel = functools.partial(_kernel, L=L, nc=nc, precision=cfg.precision)
+    kernel = functools.partial(_kernel, L=L, nc=nc, precision=precision)
     if run_ids is None:  # keep one kernel signature: runs_ref=None
         def kernel(x_ref, dt_ref, dA_ref, B_ref, C_ref, s0_ref, y_ref, sf_ref, _k=kernel):
             _k(x_ref, dt_ref, dA_ref, B_ref, C_ref, None, s0_ref, y_ref, sf_ref)
@@ -218,63 +167,8 @@ def _forward_portable(x, dt, A, B, C, s0, run_ids, cfg: KernelConfig):
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, T, None, bp), lambda i, j, k: (i, 0, j, k)), state_spec],
         out_shape=[jax.ShapeDtypeStruct((b, T, h, p), x.dtype), jax.ShapeDtypeStruct((b, h, p, n), f32)],
-        interpret=cfg.interpret,
-        compiler_params=_triton_params(cfg),
+        interpret=interpret,
+        compiler_params=_triton_params(interpret, num_warps, num_stages),
         name="ssd_chunked_scan_fwd",
     )(*args)
     return y[:, :t], S
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _ssd_pallas(x, dt, A, B, C, s0, run_ids, cfg, reference):
-    return _forward(x, dt, A, B, C, s0, run_ids, cfg)
-
-
-def _ssd_pallas_fwd(x, dt, A, B, C, s0, run_ids, cfg, reference):
-    return _forward(x, dt, A, B, C, s0, run_ids, cfg), (x, dt, A, B, C, s0, run_ids)
-
-
-def _ssd_pallas_bwd(cfg, reference, res, cts):
-    """Backward = VJP of the reference op, recomputing its forward from the saved inputs."""
-    x, dt, A, B, C, s0, run_ids = res
-
-    def ref(x, dt, A, B, C, s0):
-        return reference(x, dt, A, B, C, cfg.chunk_size, s0, run_ids)
-
-    _, vjp = jax.vjp(ref, x, dt, A, B, C, s0)
-    return (*vjp(cts), None)   # no cotangent for the integer run ids
-
-
-_ssd_pallas.defvjp(_ssd_pallas_fwd, _ssd_pallas_bwd)
-
-
-def ssd_pallas(x, dt, A, B, C, *, chunk_size: int, initial_state=None, run_ids=None,
-               interpret=None, backend: str | None = None, block_p: int | None = None,
-               precision=lax.Precision.HIGHEST, num_warps: int | None = None,
-               num_stages: int | None = None, reference=None):
-    """Kernel forward. Inputs as `nemotron_jax.ops.ssd.ssd` (validated there); ``run_ids`` from
-    `segment_runs`. ``backend``: one of BACKENDS, None = `backend_for` these shapes (ValueError if
-    the named or chosen backend does not support them). ``interpret``: None means True unless the
-    default backend is GPU; the Mosaic GPU backend also takes a ``plgpu.InterpretGPUParams``.
-    ``reference``: ``fn(x, dt, A, B, C, chunk_size, s0, run_ids) -> (y, state)``, a differentiable
-    jnp op whose VJP is the backward (None: forward only, no autodiff). ``block_p``, ``precision``,
-    ``num_warps``, ``num_stages``: portable backend only (`KernelConfig`). Returns (y, final_state)."""
-    if interpret is None:
-        interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
-    elif isinstance(interpret, (bool, int)):
-        interpret = bool(interpret)
-    b, t, h, p = x.shape
-    n = B.shape[3]
-    dtype = jnp.result_type(x, B, C)   # mixed dtypes: the promoted one decides (Mosaic needs one dtype)
-    if backend is None:
-        backend = backend_for(x.shape, B.shape, chunk_size=chunk_size, dtype=dtype)
-    if backend not in BACKENDS or not _supported(x.shape, B.shape, chunk_size, dtype)[backend]:
-        raise ValueError(f"SSD kernel backend {backend!r} does not support x {tuple(x.shape)} {x.dtype}, "
-                         f"B {tuple(B.shape)} {B.dtype}, chunk_size={chunk_size} ({SUPPORTED})")
-    if backend == "portable" and not isinstance(interpret, bool):
-        raise ValueError("the portable SSD kernel takes interpret=True/False, not Mosaic GPU interpreter params")
-    s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state
-    cfg = KernelConfig(chunk_size, interpret, backend, block_p, precision, num_warps, num_stages)
-    if reference is None:
-        return _forward(x, dt, A, B, C, s0, run_ids, cfg)
-    return _ssd_pallas(x, dt, A, B, C, s0, run_ids, cfg, reference)

@@ -1,7 +1,8 @@
 """Mosaic GPU kernel for the SSD chunked scan forward (the JAX-recommended GPU backend, sm_90 wgmma).
 
-Entry through `pallas_kernels.ssd.ssd_pallas` (which adds the custom VJP); here: `supports` and
-`forward`. Off GPU the same kernel runs under Mosaic GPU's interpreter
+A leaf: `supports` and `forward`, arrays in, arrays out. The op (`nemotron_jax.ops.ssd`) asks
+`supports` once per call, picks this kernel (first choice of ``impl="pallas"``, and of ``"auto"`` on
+a GPU), says whether to interpret, and owns the custom VJP. Off GPU the same kernel runs under Mosaic GPU's interpreter
 (``plgpu.InterpretGPUParams``), which simulates SMEM, TMA copies, barriers and wgmma on CPU and can
 detect data races: that is how the tests check it against the token-by-token oracle.
 
@@ -49,8 +50,9 @@ SUPPORTED = "head dim p = 64, state n in {64, 128}, x/B/C bfloat16 or float16, h
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def supports(x_shape, B_shape, *, dtype) -> bool:
-    """True when this kernel handles x [b, t, h, p] and B/C [b, t, g, n] of ``dtype`` (any t)."""
+def supports(x_shape, B_shape, chunk_size: int, dtype) -> bool:
+    """True when this kernel handles x [b, t, h, p] and B/C [b, t, g, n] of ``dtype`` (any t).
+    ``chunk_size`` does not matter: the kernel tiles T by its own BLOCK_T."""
     try:
         b, t, h, p = x_shape
         _, _, g, n = B_shape
@@ -123,15 +125,15 @@ def _block_step(idx, x_s, B_s, C_s, acum_r_s, acum_c_s, dt_s, offw_s, stw_s, run
     return rows(carry_r, n) * S + matmul(x_s.transpose((1, 0)), bp, (p, n))
 
 
-def forward(x, dt, A, B, C, s0, run_ids, *, interpret=False):
-    """x [b,t,h,p], dt [b,t,h], A [h], B/C [b,t,g,n], s0 [b,h,p,n], run_ids [b,t] int or None.
+def forward(x, dt, A, B, C, s0, run_ids, *, chunk_size: int | None = None, interpret=False):
+    """x [b,t,h,p], dt [b,t,h], A [h], B/C [b,t,g,n], s0 [b,h,p,n], run_ids [b,t] int or None, for
+    shapes and the dtype of x, B, C together that `supports` accepts (not checked again here; a 16-bit
+    result dtype means x, B and C share it). ``chunk_size``: unused (see `supports`).
     ``interpret``: False (compile for the GPU), True or a ``plgpu.InterpretGPUParams`` (CPU
     interpreter; e.g. ``InterpretGPUParams(detect_races=True)``). Returns (y [b,t,h,p], S fp32)."""
+    del chunk_size
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    if not supports(x.shape, B.shape, dtype=x.dtype) or B.dtype != x.dtype or C.dtype != x.dtype:
-        raise ValueError(f"Mosaic GPU SSD kernel: unsupported x {x.shape} {x.dtype}, B/C {B.shape} "
-                         f"{B.dtype}/{C.dtype} ({SUPPORTED}; B and C in x's dtype)")
     L, r = BLOCK_T, h // g
     nc = -(-t // L)
     T = nc * L

@@ -63,3 +63,28 @@ def test_supports_and_dispatch():
     np.testing.assert_array_equal(
         np.asarray(dispatch.qdq(X, rounding="stochastic", key=k, hadamard=True, impl="pallas_interpret")),
         np.asarray(dispatch.qdq(X, rounding="stochastic", key=k, hadamard=True, impl="reference")))
+
+
+def test_dispatch_asks_supports_once_and_fails_closed(monkeypatch):
+    """The op asks the kernel's supports() once per call; named kernel impls raise, only "auto" falls back;
+    "auto" takes the kernel on a GPU (the platform module says which) and tells it not to interpret."""
+    from nemotron_jax import platform
+    asked, launched, verdict = [], [], {"deny": False}
+    real_supports, real_kernel = K.supports, K.qdq_kernel
+    monkeypatch.setattr(K, "supports", lambda *a: asked.append(a) or (not verdict["deny"] and real_supports(*a)))
+    monkeypatch.setattr(K, "qdq_kernel", lambda *a, **k: launched.append(k["interpret"]) or real_kernel(*a, **k))
+    for impl in ("pallas", "pallas_interpret"):
+        asked.clear()
+        with pytest.raises(ValueError, match="does not support"):
+            dispatch.qdq(jnp.ones((8, 24)), impl=impl)
+        assert len(asked) == 1
+    asked.clear()
+    dispatch.qdq(X, impl="auto")                       # on CPU: the reference, no question asked
+    assert asked == [] and launched == []
+    monkeypatch.setattr(platform, "backend", lambda: "gpu")
+    verdict["deny"] = True
+    dispatch.qdq(X, impl="auto")                       # a GPU, but the kernel says no: the reference
+    assert len(asked) == 1 and launched == []
+    verdict["deny"] = False
+    jax.eval_shape(lambda x: dispatch.qdq(x, impl="auto"), X)   # traced only: no GPU to compile for
+    assert len(asked) == 2 and launched == [False]

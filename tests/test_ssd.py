@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nemotron_jax import platform
 from nemotron_jax.ops import ssd as ssd_mod
 from nemotron_jax.ops.ssd import ssd
 from test_ssd_common import (GRAD_NAMES, assert_close, check_packed_equals_separate, grads,
@@ -144,23 +145,74 @@ def test_auto_falls_back_on_unsupported_shapes_on_gpu(monkeypatch):
     """With the backend reported as GPU, "auto" sends shapes the Mosaic GPU kernel does not cover
     (p=3, n=5, odd chunk; fp32, which only the portable Triton-path kernel takes) to the chunked
     op and covered ones (p=64, bf16) to the kernel."""
-    from pallas_kernels import ssd as kernel
     calls = []
-    real = kernel.ssd_pallas
-    monkeypatch.setattr(ssd_mod, "_on_gpu", lambda: True)
-    monkeypatch.setattr(kernel, "ssd_pallas", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(platform, "backend", lambda: "gpu")
+    for kernel in ssd_mod.BACKENDS.values():
+        monkeypatch.setattr(kernel, "forward", lambda *a, _real=kernel.forward, **k: calls.append(1) or _real(*a, **k))
     for shape, chunk in ((dict(p=3, n=5, t=12), 7), (dict(p=64, n=64, t=12), 16)):
         x, dt, A, B, C, _ = make_inputs(**shape)
         y = ssd(x, dt, A, B, C, chunk_size=chunk, impl="auto")
         assert not calls
         assert_close(y, ssd(x, dt, A, B, C, chunk_size=chunk, impl="chunked"), 0.0, "auto == chunked")
     x, dt, A, B, C, _ = make_inputs(p=64, n=64, t=12, dtype=jnp.bfloat16)
-    y = ssd(x, dt, A, B, C, chunk_size=16, impl="auto")   # interpreted since the real backend is CPU
+    y = ssd(x, dt, A, B, C, chunk_size=16, impl="auto", interpret=True)   # told to: the real machine is a CPU
     assert calls
     up = lambda a: a.astype(jnp.float32)
     # bf16 wgmma operands inside the kernel: tolerance as in tests/test_ssd_mosaic.py
     assert_close(up(y), ssd(up(x), dt, A, up(B), up(C), chunk_size=16, impl="reference"), 4 * 2.0 ** -8,
                  "auto (kernel) == reference")
+
+
+def _count_supports(monkeypatch):
+    """Wrap every kernel's supports() with a counter: {backend name: calls}."""
+    asked = {name: 0 for name in ssd_mod.BACKENDS}
+    for name, kernel in ssd_mod.BACKENDS.items():
+        def counted(*a, _name=name, _real=kernel.supports):
+            asked[_name] += 1
+            return _real(*a)
+        monkeypatch.setattr(kernel, "supports", counted)
+    return asked
+
+
+@pytest.mark.parametrize("impl,on_gpu,shape,dtype,asked", [
+    ("pallas", False, dict(p=16, n=16), jnp.float32, {"mosaic_gpu": 1, "portable": 1}),   # portable runs
+    ("pallas", False, dict(p=64, n=64), jnp.bfloat16, {"mosaic_gpu": 1, "portable": 0}),  # Mosaic runs
+    ("auto", True, dict(p=64, n=64), jnp.bfloat16, {"mosaic_gpu": 1, "portable": 0}),
+    ("auto", True, dict(p=3, n=5), jnp.float32, {"mosaic_gpu": 1, "portable": 0}),        # falls back
+    ("auto", False, dict(p=64, n=64), jnp.bfloat16, {"mosaic_gpu": 0, "portable": 0}),
+    ("chunked", True, dict(p=64, n=64), jnp.bfloat16, {"mosaic_gpu": 0, "portable": 0}),
+])
+def test_dispatch_asks_each_kernel_at_most_once(monkeypatch, impl, on_gpu, shape, dtype, asked):
+    """One support check per kernel per call, in the op (the kernels do not check again); traced only."""
+    monkeypatch.setattr(platform, "backend", lambda: "gpu" if on_gpu else "cpu")
+    counts = _count_supports(monkeypatch)
+    x, dt, A, B, C, S0 = make_inputs(t=12, dtype=dtype, **shape)
+    jax.eval_shape(lambda *a: ssd(*a[:5], chunk_size=16, initial_state=a[5], impl=impl, interpret=True),
+                   x, dt, A, B, C, S0)
+    assert counts == asked
+
+
+def test_named_backends_fail_closed():
+    """A named kernel that cannot take the shapes raises (naming it and its limits); so does an unknown name.
+    Only impl="auto" falls back."""
+    x, dt, A, B, C, _ = make_inputs(p=3, n=5, t=8)
+    with pytest.raises(ValueError, match="'portable' does not support.*power"):
+        ssd_mod.ssd_pallas(x, dt, A, B, C, chunk_size=8, backend="portable")
+    with pytest.raises(ValueError, match="no SSD kernel supports.*mosaic_gpu.*portable"):
+        ssd_mod.ssd_pallas(x, dt, A, B, C, chunk_size=8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ssd_mod.ssd_pallas(x, dt, A, B, C, chunk_size=8, backend="triton")
+
+
+def test_registry_names_and_kernel_interface():
+    """The op's lists; each kernel module is a leaf with supports/forward/SUPPORTED; config checks IMPLS."""
+    assert ssd_mod.IMPLS == ("reference", "chunked", "pallas", "auto")
+    assert tuple(ssd_mod.BACKENDS) == ("mosaic_gpu", "portable")   # the order impl="pallas" tries them
+    for kernel in ssd_mod.BACKENDS.values():
+        assert callable(kernel.supports) and callable(kernel.forward) and isinstance(kernel.SUPPORTED, str)
+    from nemotron_jax.config import ModelConfig
+    for name in ssd_mod.IMPLS:
+        assert ModelConfig.tiny(ssd_impl=name).ssd_impl == name
 
 
 def _bad(**over):

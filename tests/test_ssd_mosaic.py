@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from nemotron_jax.ops.ssd import segment_runs, ssd, ssd_reference
-from pallas_kernels import ssd as kernel
+from nemotron_jax.ops.ssd import backend_for, segment_runs, ssd, ssd_pallas, ssd_reference
 from pallas_kernels import ssd_mosaic
 from test_ssd_common import GRAD_NAMES, assert_close, check_packed_equals_separate, grads, make_inputs, rel_err
 
@@ -40,8 +39,8 @@ def _case(dtype, with_segments, **shape):
     x, dt, A, B, C, S0 = make_inputs(seed=1, **(shape or SHAPE), dtype=dtype, a_scale=0.3)
     B, C = B / 4, C / 4          # keeps |y| ~ 1 so that the f16 intermediates stay far from overflow
     run_ids = segment_runs(SEG) if with_segments else None
-    y, S = jax.jit(lambda *a: kernel.ssd_pallas(*a[:5], chunk_size=128, initial_state=a[5], run_ids=run_ids,
-                                                interpret=RACES, backend="mosaic_gpu"))(x, dt, A, B, C, S0)
+    y, S = jax.jit(lambda *a: ssd_pallas(*a[:5], chunk_size=128, initial_state=a[5], run_ids=run_ids,
+                                         interpret=RACES, backend="mosaic_gpu"))(x, dt, A, B, C, S0)
     y_ref, S_ref = jax.jit(ssd_reference)(up(x), dt, A, up(B), up(C), S0, run_ids)
     return (x, y, S), (y_ref, S_ref)
 
@@ -99,14 +98,14 @@ def test_mosaic_packed_documents():
     ((1, 37, 4, 64), (1, 37, 2, 48), jnp.bfloat16, None),                  # n: neither kernel
 ])
 def test_backend_choice(x_shape, B_shape, dtype, backend):
-    assert kernel.backend_for(x_shape, B_shape, chunk_size=64, dtype=dtype) == backend
-    assert ssd_mosaic.supports(x_shape, B_shape, dtype=dtype) is (backend == "mosaic_gpu")
+    assert backend_for(x_shape, B_shape, chunk_size=64, dtype=dtype) == backend
+    assert ssd_mosaic.supports(x_shape, B_shape, 64, dtype) is (backend == "mosaic_gpu")
 
 
 def test_named_backend_refuses_unsupported_shapes():
     x, dt, A, B, C, _ = make_inputs(b=1, t=8, h=2, p=16, g=1, n=16, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="'mosaic_gpu' does not support"):
-        kernel.ssd_pallas(x, dt, A, B, C, chunk_size=16, backend="mosaic_gpu")
+        ssd_pallas(x, dt, A, B, C, chunk_size=16, backend="mosaic_gpu")
     # "auto" on CPU is the chunked op whatever the shapes
     y_auto = ssd(x, dt, A, B, C, chunk_size=16, impl="auto")
     y_chunked = ssd(x, dt, A, B, C, chunk_size=16, impl="chunked")
@@ -125,8 +124,8 @@ def test_mosaic_kernel_lowers_for_h200_without_a_gpu(with_segments):
             sds((b, t), jnp.int32) if with_segments else None]
 
     def f(x, dt, A, B, C, S0, run_ids):
-        return kernel.ssd_pallas(x, dt, A, B, C, chunk_size=128, initial_state=S0, run_ids=run_ids,
-                                 interpret=False, backend="mosaic_gpu")
+        return ssd_pallas(x, dt, A, B, C, chunk_size=128, initial_state=S0, run_ids=run_ids,
+                          interpret=False, backend="mosaic_gpu")
 
     h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("d",), abstract_device=h200)), \

@@ -1,5 +1,5 @@
 """The portable SSD Pallas kernel (interpret mode on CPU) against the token-by-token reference: forward, final
-state, gradients (custom_vjp with the chunked backward), packed documents, supports().
+state, gradients (the op's custom_vjp with the chunked backward), packed documents, the kernel's supports().
 
 Same tolerance rationale as tests/test_ssd.py: fp32, max|a - ref| / max|ref| <= 1e-5 for values
 and states, 5e-5 for gradients. Interpreted grids are kept small (b * h * p/block_p <= 8 programs,
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemotron_jax.ops.ssd import ssd
+from nemotron_jax.ops.ssd import ssd, ssd_pallas
 from pallas_kernels import ssd as kernel
 from test_ssd_common import GRAD_NAMES, assert_close, check_packed_equals_separate, grads, make_inputs
 
@@ -48,7 +48,7 @@ def test_pallas_p_split_and_single_group():
     """block_p < p (grid over p-slices, state slice per program) and g = 1 (all heads share B/C)."""
     shape = dict(b=1, t=21, h=2, p=32, g=1, n=16)
     x, dt, A, B, C, S0 = make_inputs(**shape)
-    y, S = jax.jit(lambda *a: kernel.ssd_pallas(*a[:5], chunk_size=16, initial_state=a[5], block_p=16))(
+    y, S = jax.jit(lambda *a: ssd_pallas(*a[:5], chunk_size=16, initial_state=a[5], block_p=16))(
         x, dt, A, B, C, S0)
     y_ref, S_ref = _run("reference", **shape)
     assert_close(y, y_ref, TOL, "y")
@@ -90,7 +90,7 @@ def test_pallas_bf16_inputs():
     ((1, 37, 4, 16), (1, 37, 2, 16), 16, jnp.int32, False),             # dtype
 ])
 def test_supports_portable(x_shape, B_shape, chunk, dtype, ok):
-    assert kernel.supports_portable(x_shape, B_shape, chunk_size=chunk, dtype=dtype) is ok
+    assert kernel.supports(x_shape, B_shape, chunk, dtype) is ok
 
 
 @pytest.mark.parametrize("dtype,with_segments,opts", [
@@ -111,8 +111,8 @@ def test_kernel_lowers_to_triton_for_h200_without_a_gpu(dtype, with_segments, op
             sds((b, t), jnp.int32) if with_segments else None]
 
     def f(x, dt, A, B, C, S0, run_ids):
-        return kernel.ssd_pallas(x, dt, A, B, C, chunk_size=128, initial_state=S0, run_ids=run_ids,
-                                 interpret=False, backend="portable", **opts)
+        return ssd_pallas(x, dt, A, B, C, chunk_size=128, initial_state=S0, run_ids=run_ids,
+                          interpret=False, backend="portable", **opts)
 
     h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("d",), abstract_device=h200)), \

@@ -22,6 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from nemotron_jax import platform
 from nemotron_jax.ops.activations import relu2
 from nemotron_jax.ops.grouped_gemm import blocked_fits, blocked_ragged_dot
 
@@ -42,7 +43,7 @@ def default_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array
     Hopper). Same signature as the NVFP4 replacement a precision
     policy may install on `RoutedExperts.ragged_dot`.
     """
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = platform.on_cpu()
     (m, k), (g, _, n) = x_mk.shape, w_gkn.shape
     if on_cpu and blocked_fits(m, g, k, n, jnp.dtype(w_gkn.dtype).itemsize):
         return blocked_ragged_dot(x_mk, w_gkn, group_sizes)

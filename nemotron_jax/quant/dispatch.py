@@ -1,10 +1,16 @@
-"""One NVFP4 QDQ entry point that picks the implementation: the Pallas kernel or the jnp reference."""
+"""One NVFP4 QDQ entry point that picks the implementation: the Pallas kernel or the jnp reference.
+
+The op owns the dispatch, as `nemotron_jax.ops.ssd` does: it asks the kernel's ``supports`` once per
+call (the kernel does not check again), fails closed for a named kernel impl, and decides from
+`nemotron_jax.platform` whether the kernel runs interpreted (the kernel is told, never asks).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from nemotron_jax import platform
 from nemotron_jax.quant import nvfp4
 from pallas_kernels import nvfp4 as nvfp4_kernel
 
@@ -12,15 +18,21 @@ IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
 
 
 def _resolve(impl: str, x: jax.Array, block) -> str:
+    """The impl that runs: "reference", "pallas" or "pallas_interpret". Only "auto" falls back."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: use one of {IMPLS}")
+    if impl == "reference":
+        return impl
     if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        return "pallas" if on_gpu and nvfp4_kernel.supports(x.shape, x.dtype, block) else "reference"
-    if impl != "reference" and not nvfp4_kernel.supports(x.shape, x.dtype, block):
+        return "pallas" if platform.on_gpu() and nvfp4_kernel.supports(x.shape, x.dtype, block) else "reference"
+    if not nvfp4_kernel.supports(x.shape, x.dtype, block):
         raise ValueError(f"the NVFP4 Pallas kernel does not support shape {x.shape}, dtype {x.dtype}, "
                          f"block {block}; use impl='reference' or 'auto'")
     return impl
+
+
+def _interpret(impl: str) -> bool:
+    return impl == "pallas_interpret" or platform.interpret_default()
 
 
 def qdq_unscaled(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax.Array | None = None,
@@ -36,7 +48,7 @@ def qdq_unscaled(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key:
     bits, s_enc, s_dec = _kernel_inputs(x, rounding, key, bits, hadamard, amax)
     y, _ = nvfp4_kernel.qdq_kernel(x, jnp.stack([s_enc, s_dec]), block=block, rounding=rounding, bits=bits,
                                    hadamard=hadamard, out_dtype=dtype, apply_tensor_scale=False,
-                                   interpret=impl == "pallas_interpret" or jax.default_backend() != "gpu")
+                                   interpret=_interpret(impl))
     return y, s_dec
 
 
@@ -66,7 +78,6 @@ def qdq(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax.Arra
     if impl == "reference":
         return nvfp4.qdq(x, block=block, rounding=rounding, key=key, bits=bits, hadamard=hadamard, amax=amax)
     bits, s_enc, s_dec = _kernel_inputs(x, rounding, key, bits, hadamard, amax)
-    interpret = impl == "pallas_interpret" or jax.default_backend() != "gpu"
     y, _ = nvfp4_kernel.qdq_kernel(x, jnp.stack([s_enc, s_dec]), block=block, rounding=rounding, bits=bits,
-                                   hadamard=hadamard, interpret=interpret)
+                                   hadamard=hadamard, interpret=_interpret(impl))
     return y
