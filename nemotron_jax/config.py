@@ -81,6 +81,10 @@ class ModelConfig:
     mtp_depths: int = 2
     mtp_loss_scaling_factor: float = 0.3
 
+    # --- parallelism (data, not architecture): (logical axis, mesh axis | tuple of mesh axes | None) pairs;
+    # None: nemotron_jax.sharding.DEFAULT_RULES. Parameters, activations and the expert-parallel op all use them.
+    sharding_rules: tuple | None = None
+
     # --- numerics ---
     dtype: str = "bfloat16"  # compute dtype; params are always float32 masters
     param_dtype: str = "float32"
@@ -133,6 +137,10 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.time_step_limit, list):
             object.__setattr__(self, "time_step_limit", tuple(self.time_step_limit))
+        if self.sharding_rules is not None:  # hashable, whatever sequences it came in
+            object.__setattr__(self, "sharding_rules", tuple(
+                (r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1]) if len(r) == 2 else tuple(r)
+                for r in self.sharding_rules))
         self._validate()
 
     def _validate(self) -> None:
@@ -199,6 +207,11 @@ class ModelConfig:
         # (the bottom layer) imports nothing of the package when loaded; by the time a config is built the
         # package __init__ has already imported the op (through the model), so this is a dict lookup.
         from nemotron_jax.ops.ssd import IMPLS as ssd_impls  # noqa: PLC0415
+        if self.sharding_rules is not None and not all(
+                len(r) == 2 and isinstance(r[0], str) and (r[1] is None or isinstance(r[1], (str, tuple)))
+                for r in self.sharding_rules):
+            bad("sharding_rules", "needs (logical axis, mesh axis | tuple of mesh axes | None) pairs",
+                "see nemotron_jax/sharding.py DEFAULT_RULES, or use None for the defaults")
         if self.ssd_impl not in ssd_impls:
             bad("ssd_impl", "unknown SSD implementation", f"use one of {ssd_impls}")
         lo, hi = self.time_step_limit

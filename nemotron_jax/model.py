@@ -11,8 +11,9 @@ from flax import nnx
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.blocks import Block
 from nemotron_jax.layers.cache import CacheIndex
-from nemotron_jax.layers.common import Linear, dtype_of, normal_init, param
+from nemotron_jax.layers.common import Linear, QuantKey, Site, dtype_of, normal_init, param
 from nemotron_jax.layers.norms import RMSNorm
+from nemotron_jax.sharding import constrain, rules_of
 
 
 class DecodeCache(NamedTuple):
@@ -46,24 +47,28 @@ class NemotronModel(nnx.Module):
         pdt = dtype_of(cfg.param_dtype)
         self.embeddings = param(normal_init(cfg.initializer_range)(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
                                 ("vocab", "embed"))
-        self.layers = nnx.List([Block(cfg, ch, rngs=rngs, layer_idx=i)
+        # one rounding-key slot for every quantized GEMM (precision policies other than bf16)
+        self.quant_key = QuantKey(None) if cfg.precision != "bf16" else None
+        self.layers = nnx.List([Block(cfg, ch, rngs=rngs, layer_idx=i,
+                                      site=Site(cfg, i, f"layers.{i}", self.quant_key))
                                 for i, ch in enumerate(cfg.hybrid_override_pattern)])
         self.norm_f = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         # fp32 whatever the compute dtype: its wgrad reduces over every token (and MTP depth), and Nemotron 3
         # Ultra diverged when that reduction ran in bf16 and lost the small MTP contributions (spec section 3).
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs,
-                              std=cfg.initializer_range, dtype=jnp.float32, param_dtype=pdt)
+                              std=cfg.initializer_range, dtype=jnp.float32, param_dtype=pdt,
+                              **Site(cfg, None, "", self.quant_key).linear("lm_head", "lm_head"))
         if cfg.mtp_enabled:
             from nemotron_jax.layers.mtp import MTPBlock  # noqa: PLC0415
-            self.mtp = MTPBlock(cfg, rngs=rngs)
+            self.mtp = MTPBlock(cfg, rngs=rngs, quant_key=self.quant_key)
         else:
             self.mtp = None
-        if cfg.precision != "bf16":
-            from nemotron_jax.layers.precision import apply_precision_policy  # noqa: PLC0415
-            apply_precision_policy(self)
 
     def embed(self, tokens_bt: jax.Array) -> jax.Array:
-        return jnp.take(self.embeddings[...], tokens_bt, axis=0).astype(dtype_of(self.cfg.dtype))
+        # FSDP: gather the whole table (in the compute dtype) before the lookup, as for any sharded weight; a
+        # lookup into a table sharded along d would come out sharded along d, the wrong way for the blocks
+        table = constrain(self.embeddings[...].astype(dtype_of(self.cfg.dtype)), (None, None))
+        return jnp.take(table, tokens_bt, axis=0)
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         return self.lm_head(hidden_btd).astype(jnp.float32)
@@ -77,18 +82,25 @@ class NemotronModel(nnx.Module):
         """
         if tokens_bt.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq] ints, got shape {tokens_bt.shape}")
-        if quant_key is not None and self.cfg.precision != "bf16":
-            from nemotron_jax.quant.key_scope import quant_key_scope  # noqa: PLC0415
-            with quant_key_scope(quant_key):
-                return self._forward(tokens_bt, segment_ids, mtp)
-        return self._forward(tokens_bt, segment_ids, mtp)
+        if quant_key is None or self.quant_key is None:
+            return self._forward(tokens_bt, segment_ids, mtp)
+        self.quant_key.set_value(quant_key)  # for this call only, like a stream drawn once per step
+        try:
+            return self._forward(tokens_bt, segment_ids, mtp)
+        finally:
+            self.quant_key.set_value(None)
+
+    def _act(self, x_btd: jax.Array) -> jax.Array:
+        """Block-boundary activations carry (batch, seq, embed) under the model's sharding rules."""
+        return constrain(x_btd, ("batch", "seq", "embed"), rules_of(self.cfg))
 
     def _forward(self, tokens_bt, segment_ids, mtp) -> ModelOutput:
-        x = self.embed(tokens_bt)
+        x = self._act(self.embed(tokens_bt))
         moe_aux, loads = [], {}
         for i, blk in enumerate(self.layers):
             with jax.named_scope(f"layer{i}_{blk.kind}"):
                 x, _, aux = blk(x, segment_ids=segment_ids)
+                x = self._act(x)
             if aux is not None:
                 moe_aux.append(aux)
                 loads[blk.mixer.layer_idx] = aux["expert_counts"]
@@ -140,11 +152,12 @@ class NemotronModel(nnx.Module):
         valid = jnp.full((b,), t, jnp.int32) if valid is None else valid.astype(jnp.int32)
         start = cache.lengths if start is None else jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,))
         index = CacheIndex(start, valid, keep_steps)
-        x = self.embed(tokens_bt)
+        x = self._act(self.embed(tokens_bt))
         new = []
         for i, (blk, c) in enumerate(zip(self.layers, cache.layers)):
             with jax.named_scope(f"layer{i}_{blk.kind}"):
                 x, c, _ = blk(x, cache=c, index=index)
+                x = self._act(x)
             new.append(c)
         lengths = cache.lengths if keep_steps else cache.lengths + valid
         return self.norm_f(x), DecodeCache(tuple(new), lengths, cache.mtp)
@@ -177,4 +190,12 @@ def apply(graphdef: nnx.GraphDef, state: nnx.State | tuple, tokens_bt: jax.Array
           quant_key: jax.Array | None = None) -> ModelOutput:
     """Pure-function boundary: graphdef and state (or a tuple of states) from nnx.split(model); jit this."""
     states = state if isinstance(state, tuple) else (state,)
-    return nnx.merge(graphdef, *states).forward(tokens_bt, segment_ids=segment_ids, mtp=mtp, quant_key=quant_key)
+    if quant_key is not None:  # set in the state before the merge: a merged model's variables may belong to an
+        states = tuple(with_quant_key(s, quant_key) for s in states)  # outer trace and cannot be mutated here
+    return nnx.merge(graphdef, *states).forward(tokens_bt, segment_ids=segment_ids, mtp=mtp)
+
+
+def with_quant_key(state: nnx.State, key: jax.Array) -> nnx.State:
+    """`state` with its QuantKey (if it holds the model's) set to `key`."""
+    return jax.tree.map(lambda v: v.replace(key) if isinstance(v, QuantKey) else v, state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))

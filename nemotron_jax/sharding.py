@@ -6,10 +6,11 @@ to a mesh axis absent from the mesh is left unsharded, so one rule set serves ev
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import jax
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -77,14 +78,54 @@ def logical_to_spec(axes: Sequence[str | None], rules: Sequence[tuple[str, objec
     return PartitionSpec(*out)
 
 
-def param_specs(state, rules=DEFAULT_RULES, mesh_axes=None):
-    """Map an nnx.State (or abstract state) of Params to PartitionSpecs from their logical axis metadata."""
-    from flax import nnx
+def rules_of(cfg) -> tuple:
+    """The rules a model runs under: its config's `sharding_rules`, or DEFAULT_RULES."""
+    rules = getattr(cfg, "sharding_rules", None)
+    return DEFAULT_RULES if rules is None else tuple((name, target) for name, target in rules)
 
-    def spec(v):
+
+def _divisible(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
+    """Drop mesh axes that do not divide their dim (tiny test models), keeping the rest of the spec."""
+    out = []
+    for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if ax is None else (ax,) if isinstance(ax, str) else tuple(ax)
+        keep = tuple(a for a in axes if dim % math.prod(mesh.shape[b] for b in axes[: axes.index(a) + 1]) == 0)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+    return PartitionSpec(*out)
+
+
+def shardings(state, mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES):
+    """The one sharding builder: NamedShardings for an nnx.State (params, other variables, or abstract ones)
+    from each Variable's logical axes and `rules`; used by training, inference and tests alike."""
+    from flax import nnx  # noqa: PLC0415
+
+    def one(v):
+        if isinstance(v, nnx.Variable) and v.get_value() is None:  # an empty slot (the rounding key): no leaves
+            return v
         axes = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
-        if axes is None:
-            return PartitionSpec()
-        return logical_to_spec(axes, rules, mesh_axes)
+        spec = PartitionSpec() if axes is None else logical_to_spec(axes, rules, mesh.axis_names)
+        return v.replace(NamedSharding(mesh, _divisible(spec, v.shape, mesh)))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+def batch_axes(mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES) -> tuple[str, ...]:
+    spec = logical_to_spec(("batch",), rules, mesh.axis_names)[0]
+    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def batch_sharding(mesh, rules: Sequence[tuple[str, object]] = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules, mesh.axis_names))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Sequence[tuple[str, object]] = DEFAULT_RULES
+              ) -> jax.Array:
+    """`x` constrained to its logical axes under the current mesh (`jax.set_mesh`); unchanged without one.
+
+    Block boundaries carry (batch, seq, embed): without them XLA guesses layouts between layers and can fall
+    back to replicating whole activations (the "involuntary full rematerialization" at the embedding gather).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, _divisible(logical_to_spec(axes, rules, mesh.axis_names),
+                                                          x.shape, mesh))

@@ -19,7 +19,7 @@ from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.moe import MoE
 from nemotron_jax.ops import expert_parallel as ep_ops
 from nemotron_jax.ops import moe_dispatch as md
-from nemotron_jax.sharding import param_specs
+from nemotron_jax.sharding import shardings
 
 RTOL, ATOL = 1e-5, 1e-6
 B, T = 8, 4  # n = 32 tokens, 4 per shard
@@ -38,8 +38,7 @@ def mesh():
 
 
 def _shard_state(state, mesh):
-    specs = param_specs(state, mesh_axes=mesh.axis_names)
-    return jax.tree.map(lambda v, s: v.replace(jax.device_put(v[...], NamedSharding(mesh, s))), state, specs,
+    return jax.tree.map(lambda v, s: v.replace(jax.device_put(v[...], s.get_value())), state, shardings(state, mesh),
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -201,13 +200,13 @@ def _ep_inputs(mesh, seed=0):
     return (*(jax.device_put(a, tok) for a in (x, idx, gates)), *(jax.device_put(w, exp) for w in (w_up, w_down)))
 
 
-def _ep_loss(ragged_dot, mesh):
+def _ep_loss(ragged_dot, mesh, state=None):
     def loss(x, idx, gates, w_up, w_down):
         if mesh is None:
             y, _ = md.dropless_experts(x, idx, gates, w_up, w_down, ragged_dot)
         else:
             y = ep_ops.sharded_experts(x, idx, gates, w_up, w_down, mesh=mesh, capacity_factor=None,
-                                       ragged_dot=ragged_dot)[0]
+                                       ragged_dot=ragged_dot, gemm_state=state)[0]
         return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)))
     return loss
 
@@ -230,15 +229,14 @@ def test_nvfp4_stochastic_rounding_under_expert_parallelism(mesh):
     quantizes both operands and relu^2 doubles relative errors: measured relative L2 errors of the
     gradients are 0.20-0.27 here, so the bound 0.4 only catches gross failures (NaN, zeros, a lost
     shard). The exact check of the dW sum is test_custom_vjp_grouped_gemm_gradients_match_single_device."""
-    from nemotron_jax.layers.precision import QuantRaggedDot, quant_key_scope
+    from nemotron_jax.quant.gemm import QuantRaggedDot
 
     quant = QuantRaggedDot("experts")
     with jax.set_mesh(mesh):
         inputs = _ep_inputs(mesh)
 
         def grad_q(key, *a):
-            with quant_key_scope(key):
-                return jax.grad(_ep_loss(quant, mesh), argnums=(0, 3, 4))(*a)
+            return jax.grad(_ep_loss(quant, mesh, state=key), argnums=(0, 3, 4))(*a)
 
         gq = jax.jit(grad_q)(jax.random.key(0), *inputs)
         gf = jax.jit(jax.grad(_ep_loss(md.default_ragged_dot, mesh), argnums=(0, 3, 4)))(*inputs)
@@ -249,40 +247,25 @@ def test_nvfp4_stochastic_rounding_under_expert_parallelism(mesh):
         assert err < 0.4, (name, err)
 
 
-def test_stochastic_rounding_keys_differ_per_shard(mesh):
-    """Inside the expert-parallel shard_map each device's quantized GEMMs see the step key folded
-    with its shard index."""
-    from nemotron_jax.quant.key_scope import current_quant_key, quant_key_scope
-
-    def key_bits_ragged_dot(x, w, group_sizes):   # every output row = this device's key bits
-        bits = jax.random.key_data(current_quant_key()).astype(jnp.float32)
+def test_gemm_state_reaches_each_shard_with_its_token_shard_index(mesh):
+    """The op passes a stateful grouped GEMM its state (opaque to the op: here a rounding key) and the index
+    of the token shard it runs on, so quantized GEMMs on shards holding different tokens draw different bits."""
+    def key_bits_ragged_dot(x, w, group_sizes, *, state, shard):   # every output row = this shard's key bits
+        bits = jax.random.key_data(jax.random.fold_in(state, shard)).astype(jnp.float32)
         return jax.lax.ragged_dot(x, w, group_sizes) * 0.0 + bits[0]
 
     x, idx, gates, w_up, w_down = _ep_inputs(mesh)
     idx = jax.device_put(jnp.tile(jnp.arange(2, dtype=jnp.int32)[None], (32, 1)), idx.sharding)
     gates = jax.device_put(jnp.full((32, 2), 0.5), gates.sharding)   # y = sum of gates * bits = bits
-    with jax.set_mesh(mesh), quant_key_scope(jax.random.key(0)):
-        y, _, _ = jax.jit(lambda *a: ep_ops.sharded_experts(*a, mesh=mesh, capacity_factor=None,
-                                                             ragged_dot=key_bits_ragged_dot))(
-            x, idx, gates, w_up, w_down)
-    # Experts 0 and 1 live on expert shard 0, which runs once per data index and computes all copies
-    # of that data half: the two halves see two devices' keys. With one shared key they would agree.
-    assert len(np.unique(np.asarray(y))) == 2
-
-
-def test_shard_quant_key_scope_folds_in_the_shard_index(mesh):
-    from nemotron_jax.quant.key_scope import current_quant_key, quant_key_scope, shard_quant_key_scope
-
-    def body(key, x):
-        with shard_quant_key_scope(key, mesh.axis_names):
-            return jax.random.key_data(current_quant_key())[None] + 0 * x.astype(jnp.uint32)
-
-    spec = P(mesh.axis_names)
     with jax.set_mesh(mesh):
-        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=spec))
-        keys = f(jax.random.key(3), jax.device_put(jnp.zeros((8, 1), jnp.int32), NamedSharding(mesh, spec)))
-        assert len({tuple(r) for r in np.asarray(keys).tolist()}) == 8
-        with quant_key_scope(None):
-            g = jax.jit(jax.shard_map(lambda x: x + (current_quant_key() is not None), mesh=mesh,
-                                      in_specs=spec, out_specs=spec))
-            np.testing.assert_array_equal(np.asarray(g(jax.device_put(jnp.zeros((8,)), NamedSharding(mesh, spec)))), 0.0)
+        y, _, _ = jax.jit(lambda key, *a: ep_ops.sharded_experts(*a, mesh=mesh, capacity_factor=None,
+                                                                  ragged_dot=key_bits_ragged_dot, gemm_state=key))(
+            jax.random.key(0), x, idx, gates, w_up, w_down)
+    # Experts 0 and 1 live on expert shard 0, which runs once per data index and computes all copies
+    # of that data half: the two halves see two shard indices. With one shared key they would agree.
+    assert len(np.unique(np.asarray(y))) == 2
+    # without state the GEMM is called plainly (the default grouped GEMMs take no state)
+    with jax.set_mesh(mesh):
+        y0 = jax.jit(lambda *a: ep_ops.sharded_experts(*a, mesh=mesh, capacity_factor=None))(x, idx, gates, w_up,
+                                                                                               w_down)[0]
+    assert np.all(np.isfinite(np.asarray(y0)))

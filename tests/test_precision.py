@@ -1,4 +1,4 @@
-"""The precision policy applied to a built model: which GEMM each linear runs, and that it trains."""
+"""The precision policy at build time: which GEMM each linear is built with, and that the model trains."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,11 @@ from flax import nnx
 
 from nemotron_jax import model as M
 from nemotron_jax.config import ModelConfig
-from nemotron_jax.layers.precision import QuantMatmul, apply_precision_policy, quant_key_scope
+from nemotron_jax.layers.common import Linear
+from nemotron_jax.layers.moe import RoutedExperts
 from nemotron_jax.losses import total_loss
+from nemotron_jax.quant.diagnostics import weight_ftz_fraction
+from nemotron_jax.quant.gemm import QuantMatmul, QuantRaggedDot
 from nemotron_jax.quant.policy import linear_format
 from nemotron_jax.quant.recipe import NVFP4Recipe, mxfp8_matmul, nvfp4_matmul, quantizer_key
 
@@ -21,9 +24,21 @@ def cfg():
                             num_nextn_predict_layers=1)
 
 
+def _formats(model) -> dict[str, str]:
+    """{path: format} of every linear and routed-expert module, read from what each was built with."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        name = ".".join(str(p) for p in path)
+        if isinstance(node, Linear):
+            out[name] = node.gemm.fmt if node.gemm is not None else "bf16"
+        elif isinstance(node, RoutedExperts):
+            out[name] = node.ragged_dot.fmt if node.ragged_dot is not None else "bf16"
+    return out
+
+
 def test_every_linear_gets_its_policy_format(cfg):
     model = M.init_model(cfg)
-    applied = dict(apply_precision_policy(model))
+    applied = _formats(model)
     assert applied["layers.0.mixer.in_proj"] == "nvfp4"
     assert applied["layers.0.mixer.out_proj"] == "mxfp8"
     assert applied["layers.1.mixer.q_proj"] == "bf16" and applied["layers.1.mixer.o_proj"] == "bf16"
@@ -31,15 +46,25 @@ def test_every_linear_gets_its_policy_format(cfg):
     assert applied["layers.4.mixer.up_proj"] == "bf16"  # the last 20% of layers
     assert applied["lm_head"] == "bf16" and all(f == "bf16" for n, f in applied.items() if n.startswith("mtp."))
     assert applied["layers.3.mixer.in_proj"] == linear_format(cfg, 3, "mamba.in_proj")
-    # and the hooks really are set
-    assert isinstance(model.layers[0].mixer.in_proj.matmul, QuantMatmul)
-    assert model.layers[1].mixer.q_proj.matmul is None
-    assert model.layers[2].mixer.experts.ragged_dot is not None
+    # each quantized GEMM is keyed by its own path (its stochastic-rounding bits) and shares the model's key
+    g = model.layers[0].mixer.in_proj
+    assert isinstance(g.gemm, QuantMatmul) and g.gemm.name == "layers.0.mixer.in_proj"
+    assert g.quant_key is model.quant_key and model.layers[0].mixer.out_proj.quant_key is model.quant_key
+    assert isinstance(model.layers[2].mixer.experts.ragged_dot, QuantRaggedDot)
+    assert model.layers[2].mixer.experts.ragged_dot.name == "layers.2.mixer.experts"
+    # the weights carry their format as metadata (what the diagnostics select by)
+    params = nnx.state(model, nnx.Param)
+    quant = {".".join(map(str, p)): v.get_metadata().get("quant")
+             for p, v in nnx.to_flat_state(params)}
+    assert quant["layers.0.mixer.in_proj.kernel"] == "nvfp4" and quant["layers.0.mixer.out_proj.kernel"] == "mxfp8"
+    assert quant["layers.2.mixer.experts.up_proj"] == "nvfp4" and quant["layers.1.mixer.q_proj.kernel"] is None
+    assert 0.0 < weight_ftz_fraction(params) < 1.0
 
 
-def test_bf16_policy_sets_no_hooks():
+def test_bf16_policy_builds_plain_gemms():
     model = M.init_model(ModelConfig.tiny())
-    assert model.layers[0].mixer.in_proj.matmul is None and model.layers[2].mixer.experts.ragged_dot is None
+    assert set(_formats(model).values()) == {"bf16"} and model.quant_key is None
+    assert weight_ftz_fraction(nnx.state(model, nnx.Param)) == 0.0
 
 
 def test_padding_equals_explicit_zero_padding():
@@ -47,9 +72,8 @@ def test_padding_equals_explicit_zero_padding():
     x = jax.random.normal(kx, (5, 24))
     w = jax.random.normal(kw, (24, 40))
     qm = QuantMatmul("nvfp4", "lin", NVFP4Recipe())
-    with quant_key_scope(kk):
-        y, vjp = jax.vjp(qm, x, w)
-        dx, dw = vjp(jnp.ones_like(y))
+    y, vjp = jax.vjp(lambda a, b: qm(a, b, kk), x, w)
+    dx, dw = vjp(jnp.ones_like(y))
     xp, wp = jnp.pad(x, ((0, 0), (0, 8))), jnp.pad(w, ((0, 8), (0, 8)))
     ref, vjp_ref = jax.vjp(lambda a, b: nvfp4_matmul(a, b, quantizer_key(kk, "lin")), xp, wp)
     np.testing.assert_array_equal(y, ref[:, :40])

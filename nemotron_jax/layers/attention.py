@@ -14,7 +14,7 @@ from flax import nnx
 
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.cache import AttnCache, CacheIndex
-from nemotron_jax.layers.common import Linear, dtype_of
+from nemotron_jax.layers.common import Linear, Site, dtype_of
 from nemotron_jax.layers.mlp import out_proj_std
 from nemotron_jax.ops.cached_attention import cached_attention, write_kv
 
@@ -34,15 +34,15 @@ def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, site: Site = Site()):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d, qd, kvd = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         kw = dict(rngs=rngs, use_bias=cfg.attention_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         std = cfg.initializer_range
-        self.q_proj = Linear(d, qd, axes=("embed", "q_heads"), std=std, **kw)
-        self.k_proj = Linear(d, kvd, axes=("embed", "kv_heads"), std=std, **kw)
-        self.v_proj = Linear(d, kvd, axes=("embed", "kv_heads"), std=std, **kw)
-        self.o_proj = Linear(qd, d, axes=("q_heads", "embed"), std=out_proj_std(cfg), **kw)
+        self.q_proj = Linear(d, qd, axes=("embed", "q_heads"), std=std, **kw, **site.linear("attn.qkv", "q_proj"))
+        self.k_proj = Linear(d, kvd, axes=("embed", "kv_heads"), std=std, **kw, **site.linear("attn.qkv", "k_proj"))
+        self.v_proj = Linear(d, kvd, axes=("embed", "kv_heads"), std=std, **kw, **site.linear("attn.qkv", "v_proj"))
+        self.o_proj = Linear(qd, d, axes=("q_heads", "embed"), std=out_proj_std(cfg), **kw, **site.linear("attn.o", "o_proj"))
         self.dtype = dtype_of(cfg.dtype)
 
     def init_cache(self, batch: int, max_len: int) -> AttnCache:

@@ -15,7 +15,7 @@ from flax import nnx
 
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.cache import CacheIndex, MambaCache
-from nemotron_jax.layers.common import Linear, dtype_of, param
+from nemotron_jax.layers.common import Linear, Site, dtype_of, param
 from nemotron_jax.layers.mlp import out_proj_std
 from nemotron_jax.layers.norms import GatedGroupRMSNorm
 from nemotron_jax.ops.activations import activation
@@ -60,7 +60,7 @@ def _init_dt_bias(key, h, dt_min, dt_max, dt_floor):
 
 
 class Mamba2Mixer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, site: Site = Site()):
         self.cfg = cfg
         h, p, g, n, k = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
         self.d_inner, self.conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
@@ -68,7 +68,8 @@ class Mamba2Mixer(nnx.Module):
         self.dtype = cdt
         self.act = activation(cfg.mamba_hidden_act)
         self.in_proj = Linear(cfg.hidden_size, cfg.mamba_in_proj_dim, axes=("embed", "mamba_in"), rngs=rngs,
-                              std=cfg.initializer_range, use_bias=cfg.mamba_proj_bias, dtype=cdt, param_dtype=pdt)
+                              std=cfg.initializer_range, use_bias=cfg.mamba_proj_bias, dtype=cdt, param_dtype=pdt,
+                              **site.linear("mamba.in_proj", "in_proj"))
         # torch Conv1d default init: U(+-1/sqrt(fan_in)), fan_in = k for a depthwise conv.
         bound = 1.0 / math.sqrt(k)
         self.conv_weight = param(jax.random.uniform(rngs.params(), (k, self.conv_dim), pdt, -bound, bound),
@@ -82,7 +83,8 @@ class Mamba2Mixer(nnx.Module):
         self.D = param(jnp.ones((h,), pdt), ("mamba_heads",), decay=False)
         self.norm = GatedGroupRMSNorm(self.d_inner, groups=g, eps=cfg.layer_norm_epsilon, param_dtype=pdt)
         self.out_proj = Linear(self.d_inner, cfg.hidden_size, axes=("mamba_inner", "embed"), rngs=rngs,
-                               std=out_proj_std(cfg), use_bias=cfg.mamba_proj_bias, dtype=cdt, param_dtype=pdt)
+                               std=out_proj_std(cfg), use_bias=cfg.mamba_proj_bias, dtype=cdt, param_dtype=pdt,
+                               **site.linear("mamba.out_proj", "out_proj"))
 
     # -- pieces shared by the full-sequence path and the decode step
     def _split_in(self, zxbcdt):

@@ -8,7 +8,7 @@ import jax
 from flax import nnx
 
 from nemotron_jax.config import ModelConfig
-from nemotron_jax.layers.common import Linear, dtype_of
+from nemotron_jax.layers.common import Linear, Site, dtype_of
 from nemotron_jax.ops.activations import activation
 
 
@@ -20,11 +20,14 @@ def out_proj_std(cfg: ModelConfig) -> float:
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, intermediate_size: int | None = None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, intermediate_size: int | None = None,
+                 site: Site = Site(), roles: tuple[str, str] = ("mlp.up", "mlp.down")):
+        """roles: the precision-policy roles of up and down (the shared expert is ("moe.shared",) * 2)."""
         m = intermediate_size or cfg.intermediate_size
         kw = dict(rngs=rngs, use_bias=cfg.mlp_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
-        self.up_proj = Linear(cfg.hidden_size, m, axes=("embed", "mlp"), std=cfg.initializer_range, **kw)
-        self.down_proj = Linear(m, cfg.hidden_size, axes=("mlp", "embed"), std=out_proj_std(cfg), **kw)
+        up, down = (site.linear(r, n) for r, n in zip(roles, ("up_proj", "down_proj")))
+        self.up_proj = Linear(cfg.hidden_size, m, axes=("embed", "mlp"), std=cfg.initializer_range, **kw, **up)
+        self.down_proj = Linear(m, cfg.hidden_size, axes=("mlp", "embed"), std=out_proj_std(cfg), **kw, **down)
         self.act = activation(cfg.mlp_hidden_act)
 
     def ffn(self, x_btd: jax.Array) -> jax.Array:

@@ -8,6 +8,7 @@ fc1_latent_proj / fc2_latent_proj) so a converter maps them one to one (HF store
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -16,10 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemotron_jax.config import ModelConfig
-from nemotron_jax.layers.common import Linear, dtype_of, normal_init, param
+from nemotron_jax.layers.common import Linear, Site, dtype_of, normal_init, param
 from nemotron_jax.layers.mlp import MLP, out_proj_std
 from nemotron_jax.ops import expert_parallel as ep_ops
 from nemotron_jax.ops import moe_dispatch as md
+from nemotron_jax.sharding import rules_of
 
 
 class RouterBias(nnx.Variable):
@@ -56,18 +58,24 @@ class Router(nnx.Module):
 class RoutedExperts(nnx.Module):
     """Stacked non-gated relu^2 experts: up_proj [e, i, m], down_proj [e, m, i] (i = latent size or d).
 
-    `ragged_dot` is the precision-policy hook: fn(x_mk, w_gkn, group_sizes_g) -> y_mn (None: `moe_dispatch.default_ragged_dot`).
+    `ragged_dot` is the grouped GEMM the precision policy picked where the layer was built: None
+    (`moe_dispatch.default_ragged_dot`) or a quantized one, fn(x_mk, w_gkn, group_sizes_g, state=key, shard=i).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, site: Site = Site()):
         e, i, m = cfg.n_routed_experts, cfg.moe_expert_input_size, cfg.moe_intermediate_size
         pdt = dtype_of(cfg.param_dtype)
-        self.up_proj = param(normal_init(cfg.initializer_range)(rngs.params(), (e, i, m), pdt),
-                             ("expert", "expert_in", "expert_mlp"))
-        self.down_proj = param(normal_init(out_proj_std(cfg))(rngs.params(), (e, m, i), pdt),
-                               ("expert", "expert_mlp", "expert_in"))
-        self.dtype = dtype_of(cfg.dtype)
         self.ragged_dot = None
+        if site.cfg is not None and site.cfg.precision != "bf16":
+            from nemotron_jax.quant.policy import ragged_dot_for  # noqa: PLC0415
+            self.ragged_dot = ragged_dot_for(site.cfg, site.layer_idx, site.path)
+        fmt = self.ragged_dot.fmt if self.ragged_dot is not None else None
+        self.up_proj = param(normal_init(cfg.initializer_range)(rngs.params(), (e, i, m), pdt),
+                             ("expert", "expert_in", "expert_mlp"), quant=fmt)
+        self.down_proj = param(normal_init(out_proj_std(cfg))(rngs.params(), (e, m, i), pdt),
+                               ("expert", "expert_mlp", "expert_in"), quant=fmt)
+        self.dtype = dtype_of(cfg.dtype)
+        self.quant_key = site.quant_key if self.ragged_dot is not None else None
 
     @property
     def grouped_gemm(self) -> md.RaggedDot:
@@ -80,22 +88,25 @@ class MoE(nnx.Module):
     `mesh`: an explicit Mesh for expert/data parallel dispatch; None uses the mesh of `jax.set_mesh` if any.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer_idx: int = 0, mesh=None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, layer_idx: int = 0, mesh=None, site: Site = Site()):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.mesh = mesh
         self.dtype = dtype_of(cfg.dtype)
         kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype))
         self.gate = Router(cfg, rngs=rngs)
-        self.experts = RoutedExperts(cfg, rngs=rngs)
+        self.experts = RoutedExperts(cfg, rngs=rngs, site=site.child("experts"))
         has_shared = cfg.n_shared_experts > 0 and cfg.moe_shared_expert_intermediate_size > 0
         # the shared expert is a dense relu^2 MLP on the full-width h
-        self.shared_experts = (MLP(cfg, rngs=rngs, intermediate_size=cfg.moe_shared_expert_intermediate_size)
+        self.shared_experts = (MLP(cfg, rngs=rngs, intermediate_size=cfg.moe_shared_expert_intermediate_size,
+                                   site=site.child("shared_experts"), roles=("moe.shared", "moe.shared"))
                                if has_shared else None)
         if cfg.moe_latent_size is not None:
             d, lat = cfg.hidden_size, cfg.moe_latent_size
-            self.fc1_latent_proj = Linear(d, lat, axes=("embed", "latent"), std=cfg.initializer_range, **kw)
-            self.fc2_latent_proj = Linear(lat, d, axes=("latent", "embed"), std=out_proj_std(cfg), **kw)
+            self.fc1_latent_proj = Linear(d, lat, axes=("embed", "latent"), std=cfg.initializer_range, **kw,
+                                          **site.linear("moe.latent", "fc1_latent_proj"))
+            self.fc2_latent_proj = Linear(lat, d, axes=("latent", "embed"), std=out_proj_std(cfg), **kw,
+                                          **site.linear("moe.latent", "fc2_latent_proj"))
         else:
             self.fc1_latent_proj = self.fc2_latent_proj = None
 
@@ -117,15 +128,20 @@ class MoE(nnx.Module):
         u_ni = u.reshape(b * t, -1)
         gates_nk, idx_nk = gates_btk.reshape(b * t, k), idx_btk.reshape(b * t, k)
         w_up, w_down = self.experts.up_proj[...], self.experts.down_proj[...]
+        gemm = self.experts.grouped_gemm
+        # the quantized GEMM's state: this step's rounding key (None outside a training step)
+        key = self.experts.quant_key.get_value() if self.experts.quant_key is not None else None
         mesh = self._mesh()
         if mesh is None:
+            if key is not None:
+                gemm = functools.partial(gemm, state=key)
             r_ni, counts = md.dropless_experts(u_ni, idx_nk, gates_nk, w_up.astype(self.dtype),
-                                               w_down.astype(self.dtype), self.experts.grouped_gemm)
+                                               w_down.astype(self.dtype), gemm)
             dropped = jnp.zeros((), jnp.int32)
         else:
             r_ni, counts, dropped = ep_ops.sharded_experts(
                 u_ni, idx_nk, gates_nk, w_up.astype(self.dtype), w_down.astype(self.dtype), mesh=mesh,
-                capacity_factor=cfg.moe_capacity_factor, ragged_dot=self.experts.grouped_gemm)
+                capacity_factor=cfg.moe_capacity_factor, ragged_dot=gemm, gemm_state=key, rules=rules_of(cfg))
         r = r_ni.reshape(b, t, -1)
         if self.fc2_latent_proj is not None:
             r = self.fc2_latent_proj(r)

@@ -12,20 +12,22 @@ from flax import nnx
 
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.blocks import Block
-from nemotron_jax.layers.common import Linear, dtype_of
+from nemotron_jax.layers.common import Linear, Site, dtype_of
 from nemotron_jax.layers.norms import RMSNorm
 
 
 class MTPBlock(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, quant_key=None):
         d, eps = cfg.hidden_size, cfg.layer_norm_epsilon
         self.enorm = RMSNorm(d, eps=eps)
         self.hnorm = RMSNorm(d, eps=eps)
+        site = Site(cfg, None, "mtp", quant_key)  # layer_idx None: the MTP block, for the precision policy
         self.eh_proj = Linear(2 * d, d, axes=("mtp_concat", "embed"), rngs=rngs, std=cfg.initializer_range,
-                              dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
-        # layer_idx continues after the main stack so per-layer policies can tell MTP layers apart.
+                              dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                              **site.linear("mtp", "eh_proj"))
+        # layer_idx continues after the main stack: the MoE layers' bias updates are keyed by it
         n = cfg.num_hidden_layers
-        self.layers = nnx.List([Block(cfg, ch, rngs=rngs, layer_idx=n + i)
+        self.layers = nnx.List([Block(cfg, ch, rngs=rngs, layer_idx=n + i, site=site.child(f"layers.{i}"))
                                 for i, ch in enumerate(cfg.mtp_hybrid_override_pattern)])
         self.final_layernorm = RMSNorm(d, eps=eps)
         # layer_idx of this block's MoE layers, in call order (their aux dicts come back in this order)

@@ -19,6 +19,7 @@ When "expert_mlp" is sharded (over "tensor"), each shard computes a slice of m a
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -27,7 +28,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from nemotron_jax.ops import moe_dispatch as md
-from nemotron_jax.quant.key_scope import current_quant_key, shard_quant_key_scope
 from nemotron_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 EXPERT_AXIS = "expert"
@@ -62,13 +62,16 @@ def _rank_within_expert(ids_c: jax.Array, num_experts: int) -> tuple[jax.Array, 
 
 def sharded_experts(x_nd: jax.Array, idx_nk: jax.Array, gates_nk: jax.Array, w_up_eim: jax.Array,
                     w_down_emi: jax.Array, *, mesh, capacity_factor: float | None,
-                    ragged_dot: md.RaggedDot = md.default_ragged_dot,
+                    ragged_dot: md.RaggedDot = md.default_ragged_dot, gemm_state=None,
                     rules: Sequence[tuple[str, object]] = DEFAULT_RULES
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Routed-expert output y_nd, global per-expert copy counts [e] int32, dropped copies (int32 scalar).
 
     `mesh`: a Mesh or AbstractMesh (e.g. jax.sharding.get_abstract_mesh() under jax.set_mesh). Token axis n is
     sharded over the mesh axes the "batch" rule names; expert weights follow the "expert"/"expert_mlp" rules.
+    `gemm_state`: arrays a stateful grouped GEMM needs (opaque here, e.g. a rounding key); when given, each
+    shard calls `ragged_dot(..., state=gemm_state, shard=i)` with i its index along the token axes. It enters
+    the shard_map as a replicated argument, since a shard_map body cannot close over arrays.
     """
     sizes = mesh_axis_sizes(mesh)
     names = tuple(sizes)
@@ -104,17 +107,18 @@ def sharded_experts(x_nd: jax.Array, idx_nk: jax.Array, gates_nk: jax.Array, w_u
     w_missing = tuple(a for a in batch_axes if a not in ep_axes + mlp_axes)
     x_missing = tuple(a for a in mlp_axes if a not in batch_axes)
 
-    def body(key, x, idx, gates, w_up, w_down):
+    def body(state, x, idx, gates, w_up, w_down):
         if w_missing:
             w_up, w_down = (jax.lax.pcast(w, w_missing, to="varying") for w in (w_up, w_down))
         if x_missing:
             x = jax.lax.pcast(x, x_missing, to="varying")
-        # stochastic rounding: other bits on shards holding other tokens, the same bits where the
-        # tokens are replicated (the m-slices of the tensor axis)
-        with shard_quant_key_scope(key, batch_axes):
-            return shard_body(x, idx, gates, w_up, w_down)
+        gemm = ragged_dot
+        if state is not None:  # shards holding other tokens get another index; m-slices of one token shard share it
+            shard = jax.lax.axis_index(batch_axes) if batch_axes else None
+            gemm = functools.partial(ragged_dot, state=state, shard=shard)
+        return shard_body(x, idx, gates, w_up, w_down, gemm)
 
-    def shard_body(x, idx, gates, w_up, w_down):
+    def shard_body(x, idx, gates, w_up, w_down, ragged_dot):
         w_up, w_down = w_up.astype(x.dtype), w_down.astype(x.dtype)
         if ep == 1:
             y, counts = md.dropless_experts(x, idx, gates, w_up, w_down, ragged_dot)
@@ -147,7 +151,6 @@ def sharded_experts(x_nd: jax.Array, idx_nk: jax.Array, gates_nk: jax.Array, w_u
             dropped = jax.lax.psum(dropped, batch_axes)
         return y, counts, dropped
 
-    # the stochastic-rounding key enters as a replicated argument: shard_map cannot close over it
     fn = jax.shard_map(body, mesh=mesh, in_specs=(P(), tok, tok, tok, up_spec, down_spec),
                        out_specs=(tok, P(), P()))
-    return fn(current_quant_key(), x_nd, idx_nk, gates_nk, w_up_eim, w_down_emi)
+    return fn(gemm_state, x_nd, idx_nk, gates_nk, w_up_eim, w_down_emi)

@@ -91,3 +91,23 @@ def format_precision_table(cfg) -> str:
     counts = Counter(v for r in rows for v in r["formats"].values())
     lines.append("linears per format: " + ", ".join(f"{f}={counts.get(f, 0)}" for f in FORMATS))
     return "\n".join(lines)
+
+
+def gemm_for(cfg, layer_idx: int | None, role: str, name: str):
+    """The GEMM a linear of `role` in block `layer_idx` is built with: None (plain x @ W in the compute dtype) or
+    a QuantMatmul. `name` (the linear's path, e.g. "layers.0.mixer.in_proj") keys its stochastic rounding."""
+    fmt = linear_format(cfg, layer_idx, role)
+    if fmt == "bf16":
+        return None
+    from nemotron_jax.quant.gemm import QuantMatmul  # noqa: PLC0415
+    from nemotron_jax.quant.recipe import NVFP4Recipe  # noqa: PLC0415
+    return QuantMatmul(fmt, name, NVFP4Recipe.from_config(cfg))
+
+
+def ragged_dot_for(cfg, layer_idx: int | None, name: str):
+    """The routed experts' grouped GEMM: None (the default ragged dot) or an NVFP4 QuantRaggedDot."""
+    if linear_format(cfg, layer_idx, "moe.experts") != "nvfp4":
+        return None
+    from nemotron_jax.quant.gemm import QuantRaggedDot  # noqa: PLC0415
+    from nemotron_jax.quant.recipe import NVFP4Recipe  # noqa: PLC0415
+    return QuantRaggedDot(name, NVFP4Recipe.from_config(cfg))

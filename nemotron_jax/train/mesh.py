@@ -1,4 +1,4 @@
-"""Device meshes from config data, and placing params, optimizer state and batches by the logical-axis rules."""
+"""Device meshes from config data, and the optimizer state's shardings (params and batches: nemotron_jax.sharding)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from nemotron_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_to_spec
+from nemotron_jax.sharding import MESH_AXES
 
 
 class MeshConfigError(ValueError):
@@ -41,38 +41,6 @@ def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
     devices = devices[: math.prod(full.values())]
     arr = np.asarray(devices).reshape(tuple(full[a] for a in MESH_AXES))
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def batch_axes(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
-    spec = logical_to_spec(("batch",), rules, mesh.axis_names)[0]
-    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-
-
-def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
-    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
-
-
-def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules, mesh.axis_names))
-
-
-def _divisible_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
-    """Drop mesh axes that do not divide their dim (tiny test models), keeping the rest of the spec."""
-    out = []
-    for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = () if ax is None else (ax,) if isinstance(ax, str) else tuple(ax)
-        keep = tuple(a for a in axes if dim % math.prod(mesh.shape[b] for b in axes[: axes.index(a) + 1]) == 0)
-        out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
-    return PartitionSpec(*out)
-
-
-def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedShardings for an nnx.State (params or other variables) from each Variable's logical axes."""
-    def one(v):
-        axes = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
-        spec = PartitionSpec() if axes is None else logical_to_spec(axes, rules, mesh.axis_names)
-        return v.replace(NamedSharding(mesh, _divisible_spec(spec, v.shape, mesh)))
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def opt_state_shardings(optimizer, opt_state, params_shardings, mesh: Mesh):
