@@ -82,6 +82,14 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry or added token (e.g. "</think>"), None if there is no such token."""
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        """The vocabulary entry of an id, None for an id the tokenizer does not have."""
+        return self._tok.id_to_token(int(i))
+
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r})"
 

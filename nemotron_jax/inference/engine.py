@@ -102,8 +102,7 @@ def _prefill_slice(graphdef, state, cache: DecodeCache, last_logits_bv, tokens_b
     return jnp.where((valid_b > 0)[:, None], logits, last_logits_bv), cache
 
 
-def prefill(model, tokens_bt, lengths_b, *, max_len: int, chunk: int = 4096, mtp_cache: bool = False
-            ) -> tuple[jax.Array, DecodeCache]:
+def prefill(model, tokens_bt, lengths_b, *, max_len: int, chunk: int = 4096) -> tuple[jax.Array, DecodeCache]:
     """(logits [b, v] at each row's last prompt token, cache holding the prompts).
 
     tokens [b, P] right-padded, lengths [b]; slices of `chunk` tokens (one compile for all full slices).
@@ -114,7 +113,7 @@ def prefill(model, tokens_bt, lengths_b, *, max_len: int, chunk: int = 4096, mtp
     if int(lengths_b.max()) > max_len:
         raise ValueError(f"a prompt of {int(lengths_b.max())} tokens does not fit max_len={max_len}")
     net = merge(graphdef, state)
-    cache = net.init_cache(b, max_len, mtp=mtp_cache)
+    cache = net.init_cache(b, max_len)
     logits = jnp.zeros((b, net.cfg.vocab_size), jnp.float32)
     width = min(chunk, bucket(p) if p > 64 else 64)  # short prompts: one small slice
     padded = np.zeros((b, -(-p // width) * width), np.int32)
@@ -271,6 +270,9 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
             raise ValueError("reasoning_budget is not supported with speculative decoding yet")
         extra = draft_len + 1
     need = int(lengths.max()) + max_new_tokens + extra
+    if need > cfg.max_position_embeddings:
+        raise ValueError(f"the longest prompt ({int(lengths.max())} tokens) plus max_new_tokens={max_new_tokens} "
+                         f"exceeds the model's context, max_position_embeddings={cfg.max_position_embeddings}")
     if max_len is None:
         max_len = bucket(need)
     elif need > max_len:
@@ -281,15 +283,19 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
         raise ValueError(f"max_len must be a multiple of {KEY_BLOCK} above {KEY_BLOCK}; got {max_len}")
 
     t0 = time.perf_counter()
-    logits, cache = _sync(prefill((graphdef, state), tokens_np, lengths, max_len=max_len, chunk=prefill_chunk,
-                                  mtp_cache=speculative is not None))
-    prefill_s = time.perf_counter() - t0
     if speculative is not None:
-        from nemotron_jax.inference.speculative import decode_mtp  # noqa: PLC0415
-        res = decode_mtp((graphdef, state), logits, cache, tokens_np, lengths, max_new_tokens=max_new_tokens,
-                         sampling=sampling, seed=seed, stop_tokens=stops, draft_len=draft_len, on_tokens=on_tokens)
+        # its own prefill: the same slices also fill the MTP cache from the prompt's main hidden states
+        from nemotron_jax.inference.speculative import decode_mtp, prefill_mtp  # noqa: PLC0415
+        logits, hidden, cache = _sync(prefill_mtp((graphdef, state), tokens_np, lengths, max_len=max_len,
+                                                  chunk=prefill_chunk))
+        prefill_s = time.perf_counter() - t0
+        res = decode_mtp((graphdef, state), logits, hidden, cache, max_new_tokens=max_new_tokens, sampling=sampling,
+                         seed=seed, stop_tokens=stops, draft_len=draft_len, decode_chunk=decode_chunk,
+                         on_tokens=on_tokens)
         res.prefill_s, res.prompt_tokens = prefill_s, int(lengths.sum())
         return res
+    logits, cache = _sync(prefill((graphdef, state), tokens_np, lengths, max_len=max_len, chunk=prefill_chunk))
+    prefill_s = time.perf_counter() - t0
 
     b = tokens_np.shape[0]
     m = len(budget.end_ids) if budget is not None else 1

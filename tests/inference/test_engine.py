@@ -157,6 +157,12 @@ def test_bad_input_is_refused_with_a_clear_error(net, prompts, kw, match):
         E.generate(net, prompts, **kw)
 
 
+def test_context_beyond_max_position_embeddings_is_refused():
+    net = NemotronModel(ModelConfig.tiny(max_position_embeddings=64), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="exceeds the model's context, max_position_embeddings=64"):
+        E.generate(net, [list(range(60))], max_new_tokens=10)
+
+
 def test_speculative_needs_an_mtp_block():
     net = NemotronModel(ModelConfig.tiny(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="needs a model with an MTP block"):
