@@ -65,10 +65,11 @@ class NemotronModel(nnx.Module):
             self.mtp = None
 
     def embed(self, tokens_bt: jax.Array) -> jax.Array:
-        # FSDP: gather the whole table (in the compute dtype) before the lookup, as for any sharded weight; a
-        # lookup into a table sharded along d would come out sharded along d, the wrong way for the blocks
-        table = constrain(self.embeddings[...].astype(dtype_of(self.cfg.dtype)), (None, None))
-        return jnp.take(table, tokens_bt, axis=0)
+        # FSDP: gather the whole table before the lookup, as for any sharded weight; a lookup into a table sharded
+        # along d would come out sharded along d, the wrong way for the blocks. The lookup stays in the table's
+        # dtype (fp32 masters), so its gradient's scatter-add over repeated tokens accumulates in fp32.
+        table = constrain(self.embeddings[...], (None, None))
+        return jnp.take(table, tokens_bt, axis=0).astype(dtype_of(self.cfg.dtype))
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         return self.lm_head(hidden_btd).astype(jnp.float32)
