@@ -3,7 +3,7 @@
 in_proj -> split [z | x | B | C | dt] -> causal depthwise conv1d (+bias) on xBC -> SiLU -> SSD scan
 -> + D*x -> gated grouped RMSNorm with z -> out_proj. With a decode cache (layers/cache.py) a call continues
 from the cached conv tail and SSM state: one token runs the one-step recurrence, several tokens the chunked
-SSD from the cached state (or, with `index.keep_steps`, the recurrence token by token, keeping every state).
+SSD from the cached state (or, with `index.keep_steps`, the state after every token, in closed form).
 """
 
 from __future__ import annotations
@@ -152,12 +152,30 @@ class Mamba2Mixer(nnx.Module):
         return self._finish(y, x, z), MambaCache(jnp.swapaxes(tail, 1, 2), state.astype(cache.ssm.dtype)), None
 
     def _steps(self, u_btd, cache: MambaCache):
-        """T tokens through the one-step recurrence, returning the cache after every token (step axis 1)."""
-        def body(c, u_bd):
-            y, c = self.step(u_bd, c)
-            return c, (y, c)
-        _, (y_tbd, caches) = jax.lax.scan(body, cache, jnp.swapaxes(u_btd, 0, 1))
-        return jnp.swapaxes(y_tbd, 0, 1), jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), caches), None
+        """T tokens (a speculative verify: T is small) from the cache, returning the cache after EVERY token
+        (step axis 1). Projections, conv and gate run once over all T; the state after token t is computed in
+        closed form, S_t = e^{c_t} S_0 + sum_{s<=t} e^{c_t - c_s} dt_s x_s B_s^T with c_t = sum_{r<=t} dt_r A,
+        an [T, T] decay matrix instead of T sequential steps (exact; the recurrence unrolled)."""
+        c = self.cfg
+        z, xbc_raw, dt_raw = self._split_in(self.in_proj(u_btd))
+        t, km1 = u_btd.shape[1], c.conv_kernel - 1
+        hist = jnp.swapaxes(cache.conv, 1, 2)  # [b, k-1, conv_dim]
+        x, bb, cc = self._split_xbc(self._conv_in(xbc_raw, history=hist))  # [b,t,h,p], [b,t,g,n], [b,t,g,n]
+        xp = jnp.concatenate([hist, xbc_raw.astype(hist.dtype)], axis=1)  # [b, k-1+t, conv_dim]
+        tails = jnp.stack([xp[:, i + 1:i + 1 + km1] for i in range(t)], axis=1)  # conv tail after each token
+        dt = self._dt(dt_raw)  # [b, t, h]
+        cum = jnp.cumsum(dt * self._A(), axis=1)  # [b, t, h]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        seg = jnp.where(causal[None, :, :, None], cum[:, :, None, :] - cum[:, None, :, :], -jnp.inf)  # [b,t,s,h]
+        rep = c.mamba_num_heads // c.n_groups
+        b_h = jnp.repeat(bb.astype(jnp.float32), rep, axis=2)  # [b, t, h, n]
+        c_h = jnp.repeat(cc.astype(jnp.float32), rep, axis=2)
+        dx = dt[..., None] * x.astype(jnp.float32)  # [b, t, h, p]
+        states = (jnp.exp(cum)[..., None, None] * cache.ssm.astype(jnp.float32)[:, None]
+                  + jnp.einsum("btsh,bshp,bshn->bthpn", jnp.exp(seg), dx, b_h))  # [b, t, h, p, n]
+        y = jnp.einsum("bthpn,bthn->bthp", states, c_h)
+        out = self._finish(y, x, z)
+        return out, MambaCache(jnp.swapaxes(tails, 2, 3), states.astype(cache.ssm.dtype)), None
 
     def init_cache(self, batch: int) -> MambaCache:
         c = self.cfg
