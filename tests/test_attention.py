@@ -33,8 +33,9 @@ def test_core_matches_softmax_reference_gqa_causal():
     k = jax.random.normal(ks[1], (2, 7, 2, 8))
     v = jax.random.normal(ks[2], (2, 7, 2, 8))
     got = causal_attention(q, k, v)
-    # fp32 softmax attention over 7 keys: errors ~1e-6; 1e-5 leaves room for the XLA summation order.
-    np.testing.assert_allclose(got, _softmax_reference(q, k, v), atol=1e-5, rtol=1e-5)
+    # fp32 softmax attention over 7 keys vs float64: measured max |err| 6.1e-7 on outputs up to ~2.9 (seeds 0-6,
+    # all checks in this and the next test); at most 0.25 of this bound (4x margin) for XLA summation order.
+    np.testing.assert_allclose(got, _softmax_reference(q, k, v), atol=1e-6, rtol=1e-6)
 
 
 def test_core_respects_packed_segments():
@@ -44,10 +45,10 @@ def test_core_respects_packed_segments():
     v = jax.random.normal(ks[2], (2, 8, 2, 8))
     seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5, 5, 5]])
     got = causal_attention(q, k, v, seg)
-    np.testing.assert_allclose(got, _softmax_reference(q, k, v, seg), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, _softmax_reference(q, k, v, seg), atol=1e-6, rtol=1e-6)
     # the second document alone gives the same outputs as inside the packed row
     alone = causal_attention(q[:1, 3:7], k[:1, 3:7], v[:1, 3:7])
-    np.testing.assert_allclose(got[0, 3:7], alone[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got[0, 3:7], alone[0], atol=1e-6, rtol=1e-6)
 
 
 def test_layer_matches_manual_projection_and_reference():
@@ -62,4 +63,6 @@ def test_layer_matches_manual_projection_and_reference():
     v = (xn @ wv).reshape(2, 5, cfg.num_key_value_heads, cfg.head_dim)
     ref = _softmax_reference(q, k, v).reshape(2, 5, -1) @ wo
     assert y.shape == x.shape
-    np.testing.assert_allclose(y, ref, atol=1e-5, rtol=1e-4)
+    # outputs are only ~0.02 here (init std 0.02), so the bound scales with them: measured max |err| 3.9e-7 of
+    # max|ref| (seeds 0-6); 2e-6 * max|ref| is 5x that.
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.abs(ref).max())

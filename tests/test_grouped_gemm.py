@@ -29,7 +29,8 @@ def test_matches_loop_and_ragged_dot_forward_and_grads(sizes, block):
     x = jax.random.normal(kx, (m, 24))
     w = jax.random.normal(kw, (len(sizes), 24, 20))
     y = blocked_ragged_dot(x, w, gs, block=block)
-    # fp32 dots of 24 terms: ~1e-6 relative
+    # fp32 dots of 24 terms: measured max |err| 3.8e-6 on outputs up to ~20 (seeds 0-6), at most ~0.12 of the
+    # allowance in every assertion here (8x margin or more): kept.
     np.testing.assert_allclose(y, _loop(x, w, gs), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y, jax.lax.ragged_dot(x, w, gs), rtol=1e-5, atol=1e-5)
     f = lambda fn: jax.grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), (0, 1))(x, w)  # noqa: E731
@@ -46,7 +47,10 @@ def test_jit_and_bf16():
     y = jax.jit(blocked_ragged_dot)(x, w, gs)
     assert y.dtype == jnp.bfloat16
     ref = jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
-    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=2e-1)  # bf16 output rounding
+    # One bf16 rounding of the fp32-accumulated sum: |bf16(v) - v| <= 2^-8 |v| (measured: y == bf16(ref) in every
+    # element, max rel 3.8e-3 over seeds 0-6). atol covers a different fp32 summation order where a sum nearly
+    # cancels: 32 products of N(0,1) pairs, ~2^-24 * sum|x w| each step, <= ~5e-5 in the worst case.
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2**-8, atol=1e-4)
 
 
 def test_budget():

@@ -1,7 +1,9 @@
 """HF NemotronH import/export: logits and per-layer parity with transformers' saved fp32 outputs, round trips.
 
 The oracle is tests/data/hf_reference/<case>/ (tools/make_hf_reference.py, transformers 5.24 fp32 eager).
-Tolerance 1e-4 absolute (issue 6); the observed differences are about 3e-6 (fp32 summation order only).
+Issue 6 asks for agreement within 1e-4 absolute. The measured differences are fp32 summation order only: at
+most 5.7e-6 on block outputs and 3.2e-6 on logits (values up to ~10), 5.4e-7 on router gate weights (~1-2), 0
+on the embeddings; TOL and GATE_TOL are ~5x those.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from nemotron_jax.model import init_model
 REF = Path(__file__).parent / "data" / "hf_reference"
 CASES = ["hybrid_dense", "moe", "latent_moe", "group_routing", "dt_clamp_legacy"]
 EXPORT_CHECKED = ["latent_moe", "dt_clamp_legacy"]  # cases with export_check.npz from the generator
-TOL = 1e-4
+TOL = 3e-5  # activations and logits: measured max 5.7e-6 (moe, last block output); 5x margin
+GATE_TOL = 3e-6  # router top-k gate weights: measured max 5.4e-7; 5.6x margin
 
 _models: dict[str, nnx.Module] = {}
 
@@ -68,7 +71,7 @@ def test_logits_and_hidden_states_match_hf(case):
     n = len(model.layers)
     assert hs.shape[0] == n + 1 and bo.shape[0] == n
     x = model.embed(tokens)
-    np.testing.assert_allclose(np.asarray(x), hs[0], rtol=0, atol=TOL)
+    np.testing.assert_array_equal(np.asarray(x), hs[0])  # a gather from the same fp32 table: exact
     routers = {}
     for i, blk in enumerate(model.layers):
         if blk.kind == "moe":
@@ -90,7 +93,7 @@ def test_logits_and_hidden_states_match_hf(case):
             order = np.argsort(idx, axis=-1)
             np.testing.assert_array_equal(np.take_along_axis(idx, order, -1), ref["router_topk_indices"][r])
             np.testing.assert_allclose(np.take_along_axis(gates, order, -1), ref["router_topk_weights"][r],
-                                       rtol=0, atol=TOL)
+                                       rtol=0, atol=GATE_TOL)
 
 
 def test_imported_config_carries_hf_dt_clamp():
@@ -186,19 +189,25 @@ def test_sharded_export_and_bf16(tmp_path):
     ids, ref = case_data("latent_moe")
     lg = np.asarray(m16(jnp.asarray(ids)))
     assert lg.dtype == np.float32 and np.isfinite(lg).all()
-    assert np.abs(lg - ref["logits"]).max() < 0.25 * np.abs(ref["logits"]).max()  # bf16 compute: loose sanity
+    # bf16 weights and activations through 6 blocks: each bf16 rounding is <= 2^-8 = 0.4% relative; measured max
+    # |diff| 1.3% of max|logit| (rms 1.2%). 5% (~13 worst-case-aligned roundings) is a 3.8x margin.
+    assert np.abs(lg - ref["logits"]).max() < 0.05 * np.abs(ref["logits"]).max()
 
 
 @pytest.mark.parametrize("case", EXPORT_CHECKED)
-def test_transformers_loads_our_export(case):
-    """export_check.* was written by `make_hf_reference.py --check-export` on this case's to_hf output:
-    transformers loaded it with no missing/unexpected/mismatched key and produced these logits."""
+def test_saved_export_check_is_clean_and_current(case):
+    """Reads a saved result; transformers does not run here. export_check.* was written by
+    `make_hf_reference.py --check-export` on this case's to_hf output: the saved report must record no
+    missing/unexpected/mismatched key or load error and a small logit diff against the reference, our logits
+    must match the logits saved there, and what to_hf writes today must be the tensor set that was checked."""
     rep = json.loads((REF / case / "export_check.json").read_text())
-    assert not any(rep["loading_info"].get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert not any(rep["loading_info"].get(k)
+                   for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"))
+    assert rep["max_abs_logit_diff_vs_reference"] < TOL  # recorded 0.0: transformers on our export == reference
     ids, _ = case_data(case)
     chk = np.load(REF / case / "export_check.npz")
     ours = np.asarray(load_case(case)(jnp.asarray(ids)))
-    assert np.abs(ours - chk["logits"]).max() < TOL
+    assert np.abs(ours - chk["logits"]).max() < TOL  # measured 3.2e-6 (dt_clamp_legacy)
     # what to_hf writes today is still what transformers was given
     model = load_case(case)
     from nemotron_jax.convert.hf_names import hub_names  # noqa: PLC0415

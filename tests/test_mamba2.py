@@ -68,15 +68,17 @@ def test_mixer_matches_token_loop(cfg, limit):
     u = jax.random.normal(jax.random.key(1), (2, 11, cfg.hidden_size))
     got, _, _ = m(u)
     ref = mixer_loop(m, cfg, u)
-    # fp32 through a few GEMMs and an 11-step recurrence vs a float64 loop: relative error ~1e-6.
-    np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5 * np.abs(ref).max())
+    # fp32 through a few GEMMs and an 11-step recurrence vs a float64 loop. Measured max |err| 3.5e-7 of max|ref|
+    # (seeds 0-6, both limits); 2e-6 * max|ref| is ~6x that. (Element-wise rtol is meaningless near zero crossings.)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
 def test_prefill_then_steps_equals_full_forward(cfg):
     m = Mamba2Mixer(cfg, rngs=nnx.Rngs(2))
     u = jax.random.normal(jax.random.key(3), (2, 13, cfg.hidden_size))
     full, _, _ = m(u)
-    tol = dict(rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max()))
+    # chunked SSD vs the recurrence, both fp32: measured max |diff| 1.4e-7 of max|full| (seeds 0-6); 7x margin
+    tol = dict(rtol=0, atol=1e-6 * float(jnp.abs(full).max()))
     # a 6-token chunk from the empty cache (chunked SSD from a state), then one-token steps
     idx = CacheIndex(jnp.zeros(2, jnp.int32), jnp.full(2, 6, jnp.int32))
     out, cache, _ = m(u[:, :6], cache=m.init_cache(2), index=idx)
@@ -103,12 +105,15 @@ def test_right_padding_leaves_the_cache_as_without_it(cfg):
     _, padded, _ = m(u, cache=m.init_cache(2), index=idx)
     _, short, _ = m(u[:1, :4], cache=m.init_cache(1), index=CacheIndex(jnp.zeros(1, jnp.int32), jnp.full(1, 4, jnp.int32)))
     np.testing.assert_allclose(padded.conv[0], short.conv[0], rtol=0, atol=0)
-    np.testing.assert_allclose(padded.ssm[0], short.ssm[0], rtol=1e-5, atol=1e-6)
+    # ssm states are ~1e-3..1e-2 here, so the bound scales with them: measured 0 (padded) and 1.2e-7 of the max
+    # (token recurrence vs chunked, below) over seeds 0-6; 6e-7 * max is ~5x the latter.
+    ssm_tol = 6e-7 * float(jnp.abs(short.ssm[0]).max())
+    np.testing.assert_allclose(padded.ssm[0], short.ssm[0], rtol=0, atol=ssm_tol)
     # keep_steps: the recurrence token by token, the state after every token; its last equals the chunked one
     _, steps, _ = m(u, cache=m.init_cache(2), index=CacheIndex(jnp.zeros(2, jnp.int32), jnp.full(2, 7, jnp.int32),
                                                              keep_steps=True))
     assert steps.ssm.shape[:2] == (2, 7)
-    np.testing.assert_allclose(steps.ssm[0, 3], short.ssm[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(steps.ssm[0, 3], short.ssm[0], rtol=0, atol=ssm_tol)
     np.testing.assert_allclose(steps.conv[0, 3], short.conv[0], rtol=0, atol=0)
 
 
@@ -118,8 +123,11 @@ def test_packed_documents_share_no_state(cfg):
     seg = jnp.array([[0] * 5 + [1] * 7])
     packed = m(u, segment_ids=seg)[0]
     a, b = m(u[:, :5])[0], m(u[:, 5:])[0]
-    np.testing.assert_allclose(packed[:, :5], a, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(packed[:, 5:], b, rtol=1e-5, atol=1e-6)
+    # different chunk boundaries: measured <= 3.8e-8 of the max (seeds 0-6, mostly bit-identical); the bound allows
+    # the reordering error seen in this file's other chunked-vs-reference checks (1.4e-7 of the max) 3.5x over.
+    tol = 5e-7 * float(jnp.abs(packed).max())
+    np.testing.assert_allclose(packed[:, :5], a, rtol=0, atol=tol)
+    np.testing.assert_allclose(packed[:, 5:], b, rtol=0, atol=tol)
 
 
 def test_init_follows_spec(cfg):

@@ -1,5 +1,3 @@
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +36,9 @@ def test_jit_equals_eager_through_pure_boundary(tiny):
     eager = model(toks)
     graphdef, state = nnx.split(model)
     jitted = jax.jit(lambda s, t: M.apply(graphdef, s, t).logits)(state, toks)
-    # Same fp32 graph, jit vs op-by-op: only fusion-order rounding differs.
-    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+    # Same fp32 graph, jit vs op-by-op: only fusion-order rounding differs. Measured max |diff| 2.7e-7 on logits
+    # of size <= 0.75 (seeds 0-6); 1.5e-6 is ~5.6x that.
+    np.testing.assert_allclose(jitted, eager, rtol=0, atol=1.5e-6)
 
 
 def test_bf16_compute_keeps_fp32_params(tiny):
@@ -50,7 +49,8 @@ def test_bf16_compute_keeps_fp32_params(tiny):
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(x.dtype == jnp.float32 for x in leaves)
     ref = M.init_model(tiny, seed=2)(_tokens(cfg))
-    # bf16 activations (8 mantissa bits) through 6 layers: logits agree to a few 1e-2.
+    # bf16 activations (8 mantissa bits) through 6 layers: logits agree to a few 1e-2 (measured max 1.6e-2 on
+    # logits of size <= 0.7, seeds 0-6: 3x margin, kept).
     np.testing.assert_allclose(out.logits, ref, atol=5e-2)
 
 
@@ -61,7 +61,9 @@ def test_every_param_has_logical_axes(tiny):
         assert axes is not None and len(axes) == len(v.shape), path
 
 
-def test_tiny_is_small_and_fast(tiny):
+def test_tiny_is_small_and_compiles_once(tiny):
+    """Under 1M parameters, and the jitted forward through the pure boundary compiles once: a second call with
+    the same shapes reuses the executable (no retrace from the graphdef or state pytree)."""
     model = M.init_model(tiny)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert n < 1_000_000
@@ -69,9 +71,10 @@ def test_tiny_is_small_and_fast(tiny):
     f = jax.jit(lambda s, t: M.apply(graphdef, s, t).logits)
     toks = _tokens(tiny, b=1, t=64)
     f(state, toks).block_until_ready()
-    t0 = time.perf_counter()
+    assert f._cache_size() == 1
     f(state, toks).block_until_ready()
-    assert time.perf_counter() - t0 < 0.5
+    f(nnx.split(model)[1], _tokens(tiny, b=1, t=64, seed=1)).block_until_ready()  # a fresh state pytree, new tokens
+    assert f._cache_size() == 1
 
 
 def test_segment_ids_separate_documents(tiny):
@@ -79,13 +82,15 @@ def test_segment_ids_separate_documents(tiny):
     toks = _tokens(tiny, b=1, t=20, seed=4)
     seg = jnp.array([[0] * 8 + [1] * 12])
     packed = model(toks, segment_ids=seg)
-    # MoE routing is per token, Mamba and attention are masked: each document alone gives the same logits.
-    np.testing.assert_allclose(packed[:, :8], model(toks[:, :8]), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(packed[:, 8:], model(toks[:, 8:]), rtol=1e-4, atol=1e-4)
+    # MoE routing is per token, Mamba and attention are masked: each document alone gives the same logits, up to
+    # fp32 summation order. Measured max |diff| 1.5e-7 on logits of size <= 0.65 (seeds 0-6; the first document
+    # came out bit-identical); 1e-6 is ~7x that.
+    np.testing.assert_allclose(packed[:, :8], model(toks[:, :8]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(packed[:, 8:], model(toks[:, 8:]), rtol=0, atol=1e-6)
 
 
 def test_tiny_overfits_one_batch(tiny):
-    """A real learning check: loss on one fixed batch falls by more than half within 100 Adam steps."""
+    """A real learning check: loss on one fixed batch falls below 2% of its start within 100 Adam steps."""
     model = M.init_model(tiny, seed=0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     toks = _tokens(tiny, b=4, t=32, seed=7)
@@ -107,4 +112,5 @@ def test_tiny_overfits_one_batch(tiny):
         params, opt_state, loss = step(params, opt_state)
         losses.append(float(loss))
     assert np.isfinite(losses).all()
-    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    # measured: 5.54 -> 0.015 (0.28%; below 10% by step 29, below 1% by step 52; model seeds 0-2): 2% is 7x above
+    assert losses[-1] < 0.02 * losses[0], (losses[0], losses[-1])
