@@ -8,7 +8,7 @@ transformers (see tools/README.md):
     /tmp/hfvenv/bin/python tools/make_hf_reference.py --names-only
     /tmp/hfvenv/bin/python tools/make_hf_reference.py --check-export DIR --case moe
 
-Output, under tests/data/hf_reference/:
+Output, under tests/fixtures/hf_reference/:
   <case>/config.json, <case>/model.safetensors   save_pretrained output (Hub layout)
   <case>/inputs.npz      input_ids [B, T] int32
   <case>/outputs.npz     logits, hidden_states, block_outputs, router_* (see _run_case)
@@ -40,7 +40,7 @@ import transformers
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "tests" / "data" / "hf_reference"
+OUT = REPO / "tests" / "fixtures" / "hf_reference"
 
 BATCH = 2
 SEQ = 20  # with chunk_size 8: three chunks, the last one padded (20 % 8 = 4)

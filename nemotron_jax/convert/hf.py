@@ -12,7 +12,7 @@ the finished leaf becomes a device array and the buffer is dropped. Peak host me
 largest leaf. Errors name the tensor: missing, unexpected, wrong shape, non-floating dtype.
 
 Numerics: with dtype=float32 the compute dtype is float32 too, and the HF dt clamp (time_step_min) is set as
-our `time_step_limit`, so logits match transformers' fp32 eager forward (tests/test_hf_convert.py).
+our `time_step_limit`, so logits match transformers' fp32 eager forward (tests/convert/test_hf.py).
 """
 
 from __future__ import annotations

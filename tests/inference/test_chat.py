@@ -9,7 +9,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from chat_assets import build_tokenizer, write_chat_files
+from tests.helpers.chat import build_tokenizer, write_chat_files
 
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.data.tokenizer import ByteTokenizer, HFTokenizer

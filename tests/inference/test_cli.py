@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from chat_assets import write_chat_files
+from tests.helpers.chat import write_chat_files
 from flax import nnx
 
 import nemotron_jax
@@ -24,7 +24,7 @@ from nemotron_jax.generate import main
 from nemotron_jax.inference.load import RunError, RunMismatchError, load_run, load_run_with_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-HF_CASE = ROOT / "tests" / "data" / "hf_reference" / "moe"
+HF_CASE = ROOT / "tests" / "fixtures" / "hf_reference" / "moe"
 PROMPT = "ROMEO:\n"
 ERROR_PREFIX = "python -m nemotron_jax.generate: error: "
 

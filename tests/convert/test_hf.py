@@ -1,6 +1,6 @@
 """HF NemotronH import/export: logits and per-layer parity with transformers' saved fp32 outputs, round trips.
 
-The oracle is tests/data/hf_reference/<case>/ (tools/make_hf_reference.py, transformers 5.24 fp32 eager).
+The oracle is tests/fixtures/hf_reference/<case>/ (tools/make_hf_reference.py, transformers 5.24 fp32 eager).
 Issue 6 asks for agreement within 1e-4 absolute. The measured differences are fp32 summation order only: at
 most 5.7e-6 on block outputs and 3.2e-6 on logits (values up to ~10), 5.4e-7 on router gate weights (~1-2), 0
 on the embeddings; TOL and GATE_TOL are ~5x those.
@@ -25,7 +25,7 @@ from nemotron_jax import ModelConfig
 from nemotron_jax.convert import config_from_hf, config_to_hf, from_hf, to_hf
 from nemotron_jax.model import init_model
 
-REF = Path(__file__).parent / "data" / "hf_reference"
+REF = Path(__file__).resolve().parents[1] / "fixtures" / "hf_reference"
 CASES = ["hybrid_dense", "moe", "latent_moe", "group_routing", "dt_clamp_legacy"]
 EXPORT_CHECKED = ["latent_moe", "dt_clamp_legacy"]  # cases with export_check.npz from the generator
 TOL = 3e-5  # activations and logits: measured max 5.7e-6 (moe, last block output); 5x margin

@@ -1,7 +1,7 @@
 """The portable SSD Pallas kernel (interpret mode on CPU) against the token-by-token reference: forward, final
 state, gradients (the op's custom_vjp with the chunked backward), packed documents, the kernel's supports().
 
-Same tolerance rationale as tests/test_ssd.py: fp32, max|a - ref| / max|ref| <= 1e-5 for values
+Same tolerance rationale as tests/ops/test_ssd.py: fp32, max|a - ref| / max|ref| <= 1e-5 for values
 and states, 5e-5 for gradients. Interpreted grids are kept small (b * h * p/block_p <= 8 programs,
 3 chunks each) because every interpreted grid step costs ~0.1 ms plus tracing.
 """
@@ -18,7 +18,7 @@ import pytest
 
 from nemotron_jax.ops.ssd import ssd, ssd_pallas
 from pallas_kernels import ssd as kernel
-from test_ssd_common import GRAD_NAMES, assert_close, check_packed_equals_separate, grads, make_inputs
+from tests.helpers.ssd import GRAD_NAMES, assert_close, check_packed_equals_separate, grads, make_inputs
 
 TOL, GTOL = 1e-5, 5e-5
 SHAPE = dict(b=2, t=37, h=4, p=16, g=2, n=16)   # T = 37 with chunk 16: 3 chunks, ragged last one

@@ -15,7 +15,7 @@ from configs.tiny import get_config
 from nemotron_jax.config import ConfigError
 from nemotron_jax.train.loop import check_config, train
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def small_exp(**kw):
@@ -128,7 +128,7 @@ def test_nvfp4_expert_parallel_training_tracks_single_device(tmp_path):
     raised before (the step key closed over inside shard_map; the custom-VJP GEMMs' dW/dx types).
     The two runs draw different rounding bits (the key is folded with each token shard's index), so
     losses agree only to the SR noise: measured gaps <= 5e-4 relative over 4 steps; bound 5e-3.
-    The exact check of the gradient sums is tests/test_moe_ep.py (custom-VJP GEMM vs one device)."""
+    The exact check of the gradient sums is tests/ops/test_expert_parallel.py (custom-VJP GEMM vs one device)."""
     base = dict(steps=4, eval_every=0, ckpt_every=0, precision="nvfp4", **{"data.batch_size": 8})
     train(small_exp(**base), tmp_path / "one", progress=False)
     train(small_exp(**base, mesh={"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}), tmp_path / "ep", progress=False)

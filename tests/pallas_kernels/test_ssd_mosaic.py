@@ -22,7 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from nemotron_jax.ops.ssd import backend_for, segment_runs, ssd, ssd_pallas, ssd_reference
 from pallas_kernels import ssd_mosaic
-from test_ssd_common import GRAD_NAMES, assert_close, check_packed_equals_separate, grads, make_inputs, rel_err
+from tests.helpers.ssd import GRAD_NAMES, assert_close, check_packed_equals_separate, grads, make_inputs, rel_err
 
 TOL = {jnp.bfloat16: 4 * 2.0 ** -8, jnp.float16: 4 * 2.0 ** -11}
 RACES = plgpu.InterpretGPUParams(detect_races=True)

@@ -21,7 +21,7 @@ import pytest
 from nemotron_jax import platform
 from nemotron_jax.ops import ssd as ssd_mod
 from nemotron_jax.ops.ssd import ssd
-from test_ssd_common import (GRAD_NAMES, assert_close, check_packed_equals_separate, grads,
+from tests.helpers.ssd import (GRAD_NAMES, assert_close, check_packed_equals_separate, grads,
                              make_inputs, packed_case)
 
 TOL, GTOL = 1e-5, 5e-5
@@ -158,7 +158,7 @@ def test_auto_falls_back_on_unsupported_shapes_on_gpu(monkeypatch):
     y = ssd(x, dt, A, B, C, chunk_size=16, impl="auto", interpret=True)   # told to: the real machine is a CPU
     assert calls
     up = lambda a: a.astype(jnp.float32)
-    # bf16 wgmma operands inside the kernel: tolerance as in tests/test_ssd_mosaic.py
+    # bf16 wgmma operands inside the kernel: tolerance as in tests/pallas_kernels/test_ssd_mosaic.py
     assert_close(up(y), ssd(up(x), dt, A, up(B), up(C), chunk_size=16, impl="reference"), 4 * 2.0 ** -8,
                  "auto (kernel) == reference")
 

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from nemotron_jax import ConfigError
 from nemotron_jax.convert import CheckpointError, config_from_hf, from_hf
 
-REF = Path(__file__).parent / "data" / "hf_reference"
+REF = Path(__file__).resolve().parents[1] / "fixtures" / "hf_reference"
 
 
 def copy_case(case: str, dst: Path) -> Path:

@@ -20,7 +20,7 @@ from nemotron_jax.convert.hf import expected_hf_shapes
 from nemotron_jax.convert.hf_names import hub_names, resolve
 from nemotron_jax.model import abstract_model
 
-REF = Path(__file__).parent / "data" / "hf_reference"
+REF = Path(__file__).resolve().parents[1] / "fixtures" / "hf_reference"
 
 
 def expand_names(entries: list[dict]) -> dict[str, tuple]:
