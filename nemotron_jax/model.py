@@ -190,10 +190,15 @@ def apply(graphdef: nnx.GraphDef, state: nnx.State | tuple, tokens_bt: jax.Array
           segment_ids: jax.Array | None = None, mtp: bool | None = None,
           quant_key: jax.Array | None = None) -> ModelOutput:
     """Pure-function boundary: graphdef and state (or a tuple of states) from nnx.split(model); jit this."""
-    states = state if isinstance(state, tuple) else (state,)
     if quant_key is not None:  # set in the state before the merge: a merged model's variables may belong to an
-        states = tuple(with_quant_key(s, quant_key) for s in states)  # outer trace and cannot be mutated here
-    return nnx.merge(graphdef, *states).forward(tokens_bt, segment_ids=segment_ids, mtp=mtp)
+        states = state if isinstance(state, tuple) else (state,)  # outer trace and cannot be mutated here
+        state = tuple(with_quant_key(s, quant_key) for s in states)
+    return merge(graphdef, state).forward(tokens_bt, segment_ids=segment_ids, mtp=mtp)
+
+
+def merge(graphdef: nnx.GraphDef, state: nnx.State | tuple) -> NemotronModel:
+    """The model back from nnx.split's parts; `state` may be one State or a tuple of them."""
+    return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
 
 
 def with_quant_key(state: nnx.State, key: jax.Array) -> nnx.State:

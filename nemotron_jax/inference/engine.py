@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from nemotron_jax.inference.sampling import Sampling, choose, token_logprob
-from nemotron_jax.model import DecodeCache
+from nemotron_jax.model import DecodeCache, merge
 
 KEY_BLOCK = 256  # cache lengths are multiples of the cached-attention key block
 STOP_REASONS = ("max_new_tokens", "stop_token")
@@ -37,11 +37,6 @@ def split_model(model) -> tuple[nnx.GraphDef, nnx.State]:
     if isinstance(model, nnx.Module):
         return nnx.split(model)
     raise TypeError(f"model must be a NemotronModel or (graphdef, state) from nnx.split; got {type(model).__name__}")
-
-
-def merge(graphdef, state):
-    """The model back from nnx.split's parts; `state` may be one State or a tuple of them."""
-    return nnx.merge(graphdef, *state) if isinstance(state, tuple) else nnx.merge(graphdef, state)
 
 
 def config_of(graphdef, state):
@@ -102,6 +97,28 @@ def _prefill_slice(graphdef, state, cache: DecodeCache, last_logits_bv, tokens_b
     return jnp.where((valid_b > 0)[:, None], logits, last_logits_bv), cache
 
 
+def buffer_width(max_new_tokens: int) -> int:
+    """Columns of the output buffers: a power of two (>= 16), so nearby max_new_tokens share a compile."""
+    return max(16, 1 << (max_new_tokens - 1).bit_length())
+
+
+def prefill_slices(tokens_bt: np.ndarray, lengths_b: np.ndarray, *, max_len: int, chunk: int, extra: int = 0):
+    """How a prompt batch is prefilled: (slice width, prompts right-padded to whole slices plus `extra` zero
+    columns, [(slice start, valid tokens per row [b])]). Short prompts take one small slice; every slice of one
+    batch has the same width, so one compile serves them all."""
+    b, p = tokens_bt.shape
+    if int(lengths_b.max()) > max_len:
+        raise ValueError(f"a prompt of {int(lengths_b.max())} tokens does not fit max_len={max_len}")
+    width = min(chunk, bucket(p) if p > 64 else 64)
+    n_cols = -(-p // width) * width
+    if n_cols > max_len:  # the slice writes must stay inside the cache
+        raise ValueError(f"max_len={max_len} is shorter than the padded prompt ({n_cols} tokens); "
+                         f"use a larger max_len or a prefill chunk that divides it")
+    padded = np.zeros((b, n_cols + extra), np.int32)
+    padded[:, :p] = tokens_bt
+    return width, padded, [(s, np.clip(lengths_b - s, 0, width).astype(np.int32)) for s in range(0, n_cols, width)]
+
+
 def prefill(model, tokens_bt, lengths_b, *, max_len: int, chunk: int = 4096) -> tuple[jax.Array, DecodeCache]:
     """(logits [b, v] at each row's last prompt token, cache holding the prompts).
 
@@ -109,20 +126,11 @@ def prefill(model, tokens_bt, lengths_b, *, max_len: int, chunk: int = 4096) -> 
     """
     graphdef, state = split_model(model)
     tokens_bt, lengths_b = np.asarray(tokens_bt, np.int32), np.asarray(lengths_b, np.int32)
-    b, p = tokens_bt.shape
-    if int(lengths_b.max()) > max_len:
-        raise ValueError(f"a prompt of {int(lengths_b.max())} tokens does not fit max_len={max_len}")
+    width, padded, slices = prefill_slices(tokens_bt, lengths_b, max_len=max_len, chunk=chunk)
     net = merge(graphdef, state)
-    cache = net.init_cache(b, max_len)
-    logits = jnp.zeros((b, net.cfg.vocab_size), jnp.float32)
-    width = min(chunk, bucket(p) if p > 64 else 64)  # short prompts: one small slice
-    padded = np.zeros((b, -(-p // width) * width), np.int32)
-    padded[:, :p] = tokens_bt
-    if padded.shape[1] > max_len:  # the slice writes must stay inside the cache
-        raise ValueError(f"max_len={max_len} is shorter than the padded prompt ({padded.shape[1]} tokens); "
-                         f"use a larger max_len or a prefill chunk that divides it")
-    for s in range(0, padded.shape[1], width):
-        valid = np.clip(lengths_b - s, 0, width).astype(np.int32)
+    cache = net.init_cache(tokens_bt.shape[0], max_len)
+    logits = jnp.zeros((tokens_bt.shape[0], net.cfg.vocab_size), jnp.float32)
+    for s, valid in slices:
         logits, cache = _prefill_slice(graphdef, state, cache, logits, jnp.asarray(padded[:, s:s + width]),
                                        jnp.int32(s), jnp.asarray(valid))
     return logits, cache
@@ -299,8 +307,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
 
     b = tokens_np.shape[0]
     m = len(budget.end_ids) if budget is not None else 1
-    width = max(16, 1 << (max_new_tokens - 1).bit_length())  # output buffers: a power of two, so nearby
-    c = _Loop(cache, logits, jnp.full((b, width), -1, jnp.int32),  # max_new_tokens share a compile
+    width = buffer_width(max_new_tokens)
+    c = _Loop(cache, logits, jnp.full((b, width), -1, jnp.int32),
               jnp.full((b, width), jnp.nan, jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
               jnp.full((b, m), -1, jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), bool),
               jax.random.key(seed), jnp.int32(0))

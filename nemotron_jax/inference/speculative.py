@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemotron_jax.inference.engine import STOP_REASONS, GenerationResult, bucket, merge, split_model
+from nemotron_jax.inference.engine import (STOP_REASONS, GenerationResult, buffer_width, merge, prefill_slices,
+                                           split_model)
 from nemotron_jax.inference.sampling import Sampling, choose, probs, token_logprob
 from nemotron_jax.layers.cache import CacheIndex, MambaCache
 from nemotron_jax.layers.common import dtype_of
@@ -83,24 +84,16 @@ def prefill_mtp(model, tokens_bt, lengths_b, *, max_len: int, chunk: int = 4096
     """
     graphdef, state = split_model(model)
     tokens_bt, lengths_b = np.asarray(tokens_bt, np.int32), np.asarray(lengths_b, np.int32)
-    b, p = tokens_bt.shape
+    b = tokens_bt.shape[0]
     net = merge(graphdef, state)
     if net.mtp is None:
         raise ValueError("speculative decoding needs a model with an MTP block (num_nextn_predict_layers=1)")
-    if int(lengths_b.max()) > max_len:
-        raise ValueError(f"a prompt of {int(lengths_b.max())} tokens does not fit max_len={max_len}")
+    # engine.prefill's slicing, with one more column: the next token of each slice's last position
+    width, padded, slices = prefill_slices(tokens_bt, lengths_b, max_len=max_len, chunk=chunk, extra=1)
     cache = net.init_cache(b, max_len, mtp=True)
     logits = jnp.zeros((b, net.cfg.vocab_size), jnp.float32)
     hidden = jnp.zeros((b, net.cfg.hidden_size), dtype_of(net.cfg.dtype))
-    width = min(chunk, bucket(p) if p > 64 else 64)  # the slicing of engine.prefill
-    n_cols = -(-p // width) * width
-    if n_cols > max_len:
-        raise ValueError(f"max_len={max_len} is shorter than the padded prompt ({n_cols} tokens); "
-                         f"use a larger max_len or a prefill chunk that divides it")
-    padded = np.zeros((b, n_cols + 1), np.int32)
-    padded[:, :p] = tokens_bt
-    for s in range(0, n_cols, width):
-        valid = np.clip(lengths_b - s, 0, width).astype(np.int32)
+    for s, valid in slices:
         mtp_valid = np.clip(lengths_b - 1 - s, 0, width).astype(np.int32)
         logits, hidden, cache = _prefill_slice(
             graphdef, state, cache, logits, hidden, jnp.asarray(padded[:, s:s + width]),
@@ -254,7 +247,7 @@ def start(model, logits_bv, hidden_bd, cache: DecodeCache, *, max_new_tokens: in
           stop_tokens=()) -> _Spec:
     """The round loop's state after prefill_mtp: x chosen and emitted, h1 computed (exposed for tests)."""
     graphdef, state = split_model(model)
-    width = max(16, 1 << (max_new_tokens - 1).bit_length())  # a power of two: nearby max_new share a compile
+    width = buffer_width(max_new_tokens)
     return _start(graphdef, state, cache, logits_bv, hidden_bd, jax.random.key(seed),
                   jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)), sampling, width,
                   jnp.int32(max_new_tokens))

@@ -15,13 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.helpers.chat import write_chat_files
 from flax import nnx
 
 import nemotron_jax
 from nemotron_jax import generate as generate_module
 from nemotron_jax.generate import main
 from nemotron_jax.inference.load import RunError, RunMismatchError, load_run, load_run_with_tokenizer
+from tests.helpers import runs
+from tests.helpers.chat import write_chat_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HF_CASE = ROOT / "tests" / "fixtures" / "hf_reference" / "moe"
@@ -30,22 +31,11 @@ ERROR_PREFIX = "python -m nemotron_jax.generate: error: "
 
 
 def small_exp():
-    from configs.tiny import get_config
-
-    c = get_config()
-    c.steps = 5
-    c.data.seq_len = 32
-    c.data.batch_size = 4
-    c.log_every = 5
-    c.eval_every = 0
-    c.eval_batches = 1
-    c.ckpt_every = 3  # checkpoints at steps 3 and 5
-    c.optim.warmup_steps = 2
-    c.model.overrides.hybrid_override_pattern = "M*E-"  # every layer kind, fewer layers to compile
-    c.sample.prompt = PROMPT
-    c.sample.length = 8
-    c.sample.temperature = 0.0  # greedy: the CLI must reproduce the trainer's own sample
-    return c
+    # checkpoints at steps 3 and 5; every layer kind, fewer layers to compile; a greedy sample, which the CLI
+    # must reproduce
+    return runs.small_exp(steps=5, log_every=5, eval_every=0, eval_batches=1,
+                          **{"model.overrides.hybrid_override_pattern": "M*E-", "sample.prompt": PROMPT,
+                             "sample.temperature": 0.0})
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import csv
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -11,31 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs.tiny import get_config
 from nemotron_jax.config import ConfigError
 from nemotron_jax.train.loop import check_config, train
+from tests.helpers.runs import small_exp
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def small_exp(**kw):
-    c = get_config()
-    c.steps = 8
-    c.data.seq_len = 32
-    c.data.batch_size = 4
-    c.log_every = 1
-    c.eval_every = 4
-    c.eval_batches = 2
-    c.ckpt_every = 3
-    c.sample.length = 8
-    c.optim.warmup_steps = 2
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
 
 
 def _cli(workdir, *overrides, check=True):
