@@ -59,3 +59,27 @@ def test_cli_json():
     info = json.loads(out.stdout)
     assert info["pattern"] == ModelConfig.tiny().hybrid_override_pattern
     assert info["total_params"] == count_params(ModelConfig.tiny())["total_params"]
+
+
+def test_weight_bytes_nvfp4_nano():
+    from nemotron_jax.info import weight_bytes
+
+    b = weight_bytes(ModelConfig.nano_30b_a3b(), "nvfp4")
+    assert abs(b["bits_per_quantized_weight"] - 4.5) < 1e-4  # 4-bit codes + one E4M3 scale per 16 (+4 bytes per tensor)
+    # every HF tensor; count_params counts nnx.Param only (not the router correction bias)
+    assert 0 <= b["total_params"] - count_params(ModelConfig.nano_30b_a3b())["total_params"] <= 23 * 128
+    # released policy: attention, the 6 Mamba layers before it and the LM head stay BF16
+    assert b["bf16_params"] > 131072 * 2688 * 2
+    assert 17.5 * 2**30 < b["total_bytes"] < 18.5 * 2**30  # public NVFP4 Nano checkpoint: about 19 GB
+    assert b["all_bf16_bytes"] / b["total_bytes"] > 3.2
+
+
+def test_weight_bytes_cli_small(capsys):
+    from nemotron_jax.info import main, weight_bytes
+
+    main(["--weights", "nvfp4", "--preset", "small"])
+    out = capsys.readouterr().out
+    assert "small:" in out and "4.500 bits/weight" in out
+    fp8 = weight_bytes(ModelConfig.small(), "fp8")
+    bf = weight_bytes(ModelConfig.small(), "bf16")
+    assert bf["total_bytes"] == bf["all_bf16_bytes"] > fp8["total_bytes"]

@@ -10,9 +10,12 @@ Import (`config_from_hf`):
 - HF's dt clamp is `clamp(min=time_step_min)` with no upper limit and `time_step_limit` is never read, so the
   imported config gets `time_step_limit=(time_step_min, inf)`. The stored `time_step_limit` is parsed
   (`{"__float__": "Infinity"}` and "Infinity" accepted) and otherwise ignored.
+- `norm_eps` / `rms_norm_eps` are aliases of `layer_norm_epsilon` (equal values required when both are
+  present). `quantization_config` (ModelOpt NVFP4 / FP8) is validated here and concerns only the weights;
+  `keep_mtp_spec_in_bf16` (Megatron-Bridge) is ignored with a debug log.
 - Refused with a ConfigError naming the field (HF would build something we do not implement, or silently
   drop a setting): `attention_bias`, `use_bias`, `mlp_bias`, `mamba_proj_bias`, `tie_word_embeddings` true;
-  a non-null `sliding_window`, `rope_scaling` or `quantization_config`; `mlp_hidden_act` other than relu2;
+  a non-null `sliding_window` or `rope_scaling`; a `quantization_config` that is not ModelOpt NVFP4 / FP8; `mlp_hidden_act` other than relu2;
   `mamba_hidden_act` other than silu; `n_shared_experts` other than 1; `num_nextn_predict_layers` other than 0
   or 1; top-k larger than the experts the group routing can select; fewer than 2 experts per routing group
   (HF's group score needs a top-2); a `num_hidden_layers` that disagrees with the pattern; a wrong type;
@@ -31,12 +34,15 @@ Export (`config_to_hf`) writes the modern key names (`layers_block_type`, `mtp_l
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 from nemotron_jax.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
 
 BLOCK_TYPE_TO_CHAR = {"linear_attention": "M", "full_attention": "*", "moe": "E", "mlp": "-",
                       "mamba": "M", "attention": "*"}  # the last two: legacy names HF remaps
@@ -105,8 +111,16 @@ REQUIRED_VALUES = {
     "tie_word_embeddings": (False, "HF NemotronH never ties lm_head to the embeddings"),
     "sliding_window": (None, "HF NemotronH always uses a full causal mask"),
     "rope_scaling": (None, "NemotronH has no positional encoding"),
-    "quantization_config": (None, "quantized checkpoints are not supported; dequantize first"),
 }
+
+# Aliases some published configs carry beside (or instead of) the HF key; equal values are required when
+# both are present. The released Nemotron 3 Nano config.json has `norm_eps` next to `layer_norm_epsilon`.
+ALIASES = {"norm_eps": "layer_norm_epsilon", "rms_norm_eps": "layer_norm_epsilon"}
+
+# Keys that only serve other frameworks (Megatron-Bridge, TensorRT-LLM, vLLM): no effect on the HF forward;
+# ignored with a debug log. `quantization_config` is validated (nemotron_jax.convert.modelopt) and then
+# concerns the weights only.
+FRAMEWORK_KEYS = frozenset({"keep_mtp_spec_in_bf16", "quantization_config"})
 
 # Keys accepted and ignored: no effect on the weights or the forward pass (see the module docstring).
 IGNORED_KEYS = frozenset({
@@ -200,7 +214,21 @@ def config_from_hf(hf: dict[str, Any] | str | Path, *, dtype: str = "float32", s
         if old in hf:
             hf[new] = hf.pop(old)
 
-    unknown = sorted(set(hf) - set(MAPPED) - set(REQUIRED_VALUES) - IGNORED_KEYS - PATTERN_KEYS)
+    for alias, key in ALIASES.items():
+        if alias in hf:
+            v = hf.pop(alias)
+            if key in hf and _parse_float(alias, v) != _parse_float(key, hf[key]):
+                raise _err(alias, v, f"disagrees with {key}={hf[key]!r} (both name the RMSNorm epsilon)")
+            hf.setdefault(key, v)
+    if hf.get("quantization_config") is not None:
+        from nemotron_jax.convert.modelopt import parse_quant_config  # noqa: PLC0415
+
+        if not isinstance(hf["quantization_config"], dict):
+            raise _err("quantization_config", hf["quantization_config"], "expected an object")
+        parse_quant_config(dict(hf["quantization_config"]), "config.json quantization_config")
+    for key in sorted(FRAMEWORK_KEYS & set(hf)):
+        log.debug("HF config key %r ignored: it serves other frameworks, not the forward pass", key)
+    unknown = sorted(set(hf) - set(MAPPED) - set(REQUIRED_VALUES) - IGNORED_KEYS - PATTERN_KEYS - FRAMEWORK_KEYS)
     if unknown:
         msg = (f"HF config has unknown field(s) {unknown}: they may change the architecture and nemotron-jax "
                "does not know them; pass strict=False to ignore them")

@@ -196,3 +196,77 @@ def test_no_checkpoint(tmp_path):
     shutil.copy(REF / "moe" / "config.json", d / "config.json")
     with pytest.raises(CheckpointError, match="safetensors"):
         from_hf(d)
+
+
+# ----------------------------------------------------------------------------- loading safety (issue 16.6)
+def _sharded(d: Path) -> tuple[dict, list[str]]:
+    t = read(d)
+    names = sorted(t)
+    (d / "model.safetensors").unlink()
+    save_file({k: t[k] for k in names[:10]}, str(d / "a.safetensors"))
+    save_file({k: t[k] for k in names[10:]}, str(d / "b.safetensors"))
+    return {k: ("a.safetensors" if i < 10 else "b.safetensors") for i, k in enumerate(names)}, names
+
+
+@pytest.mark.parametrize("bad", ["../b.safetensors", "/etc/passwd", "sub/../../b.safetensors", "~/b.safetensors"])
+def test_index_naming_files_outside_the_folder_is_refused(tmp_path, bad):
+    d = copy_case("hybrid_dense", tmp_path)
+    wmap, names = _sharded(d)
+    shutil.copy(d / "b.safetensors", tmp_path / "b.safetensors")  # a real file is there: still refused
+    wmap = {k: (bad if v == "b.safetensors" else v) for k, v in wmap.items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        from_hf(d)
+
+
+def test_index_symlink_out_of_the_folder_is_refused(tmp_path):
+    d = copy_case("hybrid_dense", tmp_path)
+    wmap, _ = _sharded(d)
+    (d / "b.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (d / "b.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    with pytest.raises(CheckpointError, match="resolves outside the checkpoint folder"):
+        from_hf(d)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 100, -1000, -1])
+def test_truncated_safetensors_names_the_file(tmp_path, keep):
+    d = copy_case("hybrid_dense", tmp_path)
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[:keep] if keep >= 0 else raw[:keep])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(truncated|corrupt)"):
+        from_hf(d)
+
+
+def test_truncated_shard_names_the_shard(tmp_path):
+    d = copy_case("hybrid_dense", tmp_path)
+    wmap, _ = _sharded(d)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    raw = (d / "b.safetensors").read_bytes()
+    (d / "b.safetensors").write_bytes(raw[:-7])
+    with pytest.raises(CheckpointError, match=r"b\.safetensors: truncated safetensors file: tensor '.*'"):
+        from_hf(d)
+
+
+def test_corrupt_index_json(tmp_path):
+    d = copy_case("hybrid_dense", tmp_path)
+    _sharded(d)
+    (d / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not valid JSON"):
+        from_hf(d)
+
+
+def test_no_pickle_on_any_load_path():
+    """Loading goes through orbax, safetensors and JSON only: no pickle, torch.load or np.load(allow_pickle)."""
+    import re  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[2]
+    pat = re.compile(r"\bimport pickle\b|\bfrom pickle\b|cPickle|\bdill\b|joblib|torch\.load\(|allow_pickle\s*=\s*True"
+                     r"|pickle\.loads?\(")
+    hits = []
+    for sub in ("nemotron_jax", "scripts", "benchmarks", "experiments"):
+        for f in (root / sub).rglob("*.py"):
+            for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+                if pat.search(line):
+                    hits.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
+    assert not hits, hits
