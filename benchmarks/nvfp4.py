@@ -12,11 +12,29 @@ of the same array; used by benchmarks/gpu_nvfp4.sh.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
+
+
+def quant_without_model() -> None:
+    """Make ``nemotron_jax.quant`` importable on a bare device image (jax only). The package's __init__
+    imports the model (flax, tokamax); the quantizer, the recipe and the config need neither, so when that
+    import fails the package is registered as a plain namespace and its subpackages load on their own."""
+    try:
+        import nemotron_jax  # noqa: F401, PLC0415
+    except ImportError as e:
+        print(f"note: import nemotron_jax failed ({e}); loading nemotron_jax.quant without the model", flush=True)
+        for name in [m for m in sys.modules if m == "nemotron_jax" or m.startswith("nemotron_jax.")]:
+            del sys.modules[name]
+        pkg = types.ModuleType("nemotron_jax")
+        pkg.__path__ = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nemotron_jax")]
+        sys.modules["nemotron_jax"] = pkg
 
 
 def _time(fn, *args, iters: int) -> float:
@@ -42,7 +60,7 @@ def _time_pair(f, g, args, iters: int) -> tuple[float, float]:
     return statistics.median(tf), statistics.median(tg)
 
 
-def linear_ratio(tokens: int, k: int, n: int, iters: int) -> dict:
+def linear_ratio(tokens: int, k: int, n: int, iters: int, impl: str = "reference") -> dict:
     from nemotron_jax.quant.recipe import NVFP4Recipe, nvfp4_matmul
 
     kx, kw, kd = jax.random.split(jax.random.key(0), 3)
@@ -57,11 +75,11 @@ def linear_ratio(tokens: int, k: int, n: int, iters: int) -> dict:
         return jax.jit(f)
 
     bf16 = step(lambda a, b, key: jnp.einsum("tk,kn->tn", a, b, preferred_element_type=jnp.float32).astype(a.dtype))
-    recipe = NVFP4Recipe()
+    recipe = NVFP4Recipe(impl=impl)
     nv = step(lambda a, b, key: nvfp4_matmul(a, b, key, recipe))
     key = jax.random.key(1)
     t_bf16, t_nv = _time_pair(bf16, nv, (x, w, dy, key), iters=iters)
-    return dict(tokens=tokens, k=k, n=n, backend=jax.default_backend(), bf16_ms=1e3 * t_bf16,
+    return dict(tokens=tokens, k=k, n=n, impl=impl, backend=jax.default_backend(), bf16_ms=1e3 * t_bf16,
                 nvfp4_ms=1e3 * t_nv, ratio=t_nv / t_bf16)
 
 
@@ -96,9 +114,12 @@ def main():
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--qdq-bandwidth", action="store_true")
+    p.add_argument("--impl", default="reference", choices=("reference", "pallas", "auto"),
+                   help="NVFP4Recipe.impl of the emulated linear (ModelConfig.nvfp4_impl)")
     p.add_argument("--rows", type=int, default=8192)
     p.add_argument("--cols", type=int, default=8192)
     a = p.parse_args()
+    quant_without_model()
     if a.qdq_bandwidth:
         for block in ((1, 16), (16, 16)):
             for rounding, had in (("nearest", False), ("stochastic", False), ("stochastic", True)):
@@ -108,8 +129,8 @@ def main():
                     print(f"FAILED block={block} rounding={rounding} hadamard={had}: {type(e).__name__}: {e}"[:2000],
                           flush=True)
     else:
-        r = linear_ratio(a.tokens, a.k, a.n, a.iters)
-        print(f"backend={r['backend']} x[{r['tokens']},{r['k']}] @ w[{r['k']},{r['n']}] fwd+bwd: "
+        r = linear_ratio(a.tokens, a.k, a.n, a.iters, a.impl)
+        print(f"backend={r['backend']} impl={r['impl']} x[{r['tokens']},{r['k']}] @ w[{r['k']},{r['n']}] fwd+bwd: "
               f"bf16 {r['bf16_ms']:.2f} ms, nvfp4 (emulated, full recipe) {r['nvfp4_ms']:.2f} ms, "
               f"ratio {r['ratio']:.2f}x")
 

@@ -12,6 +12,29 @@ from typing import Any
 LAYER_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 _COMPUTE_DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("bf16", "nvfp4")
+_BOOL_FIELDS = ("rescale_prenorm_residual", "attention_bias", "mlp_bias", "use_conv_bias", "mamba_proj_bias",
+                "norm_topk_prob", "nvfp4_rht", "nvfp4_stochastic_rounding", "nvfp4_weight_2d", "mamba_out_proj_mxfp8")
+# (field, lowest value, whether the lowest is excluded, the fix): finite real numbers (int or float, not bool)
+_FLOAT_FIELDS = (
+    ("layer_norm_epsilon", 0.0, True, "Nemotron 3 uses 1e-5"),
+    ("initializer_range", 0.0, False, "the std of the normal init; Nemotron 3 uses 0.01-0.02"),
+    ("time_step_min", 0.0, True, "Megatron uses 1e-3"),
+    ("time_step_max", 0.0, True, "Megatron uses 0.1"),
+    ("time_step_floor", 0.0, False, "Megatron uses 1e-4"),
+    ("routed_scaling_factor", 0.0, True, "Nemotron 3 uses 2.5 (Nano) or 5.0 (Super, Ultra)"),
+    ("moe_router_bias_update_rate", 0.0, False, "Nemotron 3 uses 1e-3; 0 turns the bias update off"),
+    ("moe_aux_loss_coeff", 0.0, False, "Nemotron 3 uses 1e-4; 0 turns the aux loss off"),
+    ("mtp_loss_scaling_factor", 0.0, False, "Nemotron 3 uses 0.3 (Super) or 0.1 (Ultra)"),
+    ("nvfp4_bf16_last_fraction", 0.0, False, "Nemotron 3 keeps the last 0.15 in BF16"),
+)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class ConfigError(ValueError):
@@ -95,6 +118,11 @@ class ModelConfig:
     nvfp4_rht: bool = True  # random Hadamard transform on Wgrad inputs
     nvfp4_stochastic_rounding: bool = True  # SR on dY copies
     nvfp4_weight_2d: bool = True  # 16x16 weight tiles (else 1x16)
+    # NVFP4 quantize-dequantize implementation (nemotron_jax.quant.dispatch.CONFIG_IMPLS): "reference" (jnp, runs
+    # everywhere), "pallas" (the fused kernel; interpreted off GPU; an unsupported shape/dtype raises) or "auto"
+    # (the kernel on a GPU where it supports the call, the reference elsewhere). All give identical bits.
+    # "reference" until benchmarks/gpu_nvfp4.sh has shown the compiled kernel bit-identical on a GPU.
+    nvfp4_impl: str = "reference"
     mamba_out_proj_mxfp8: bool = True  # Mamba out_proj in MXFP8 under the NVFP4 policy
 
     # ------------------------------------------------------------------ derived
@@ -138,9 +166,14 @@ class ModelConfig:
         if isinstance(self.time_step_limit, list):
             object.__setattr__(self, "time_step_limit", tuple(self.time_step_limit))
         if self.sharding_rules is not None:  # hashable, whatever sequences it came in
-            object.__setattr__(self, "sharding_rules", tuple(
-                (r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1]) if len(r) == 2 else tuple(r)
-                for r in self.sharding_rules))
+            try:
+                rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1]) if len(r) == 2
+                              else tuple(r) for r in self.sharding_rules)
+            except (TypeError, KeyError, IndexError):
+                raise ConfigError(f"ModelConfig.sharding_rules={self.sharding_rules!r}: needs a sequence of (logical "
+                                  f"axis, mesh axis | tuple of mesh axes | None) pairs; see nemotron_jax/sharding.py "
+                                  f"DEFAULT_RULES, or use None for the defaults") from None
+            object.__setattr__(self, "sharding_rules", rules)
         self._validate()
 
     def _validate(self) -> None:
@@ -165,6 +198,19 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(name, "must be a non-negative integer", "set it to an int >= 0 (0 turns it off)")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be a bool", "set it to True or False")
+        for name, lo, strict, fix in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or v < lo or (strict and v == lo):
+                bad(name, f"must be a finite number {'>' if strict else '>='} {lo:g}", fix)
+        if not isinstance(self.mtp_hybrid_override_pattern, str):
+            bad("mtp_hybrid_override_pattern", "must be a string of layer characters", "Nemotron 3 uses '*E'")
+        tsl = self.time_step_limit
+        if not (isinstance(tsl, tuple) and len(tsl) == 2 and all(_is_real(x) for x in tsl)):
+            bad("time_step_limit", "needs a (low, high) pair of numbers",
+                "use (0.0, inf) for training or (1e-3, inf) for HF parity")
         if self.n_shared_experts > 1:
             bad("n_shared_experts", "only one shared expert MLP is built",
                 "use 1 and give it the combined width in moe_shared_expert_intermediate_size (Nemotron 3 does)")
@@ -185,10 +231,11 @@ class ModelConfig:
         if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
             bad("num_experts_per_tok", "more than the experts in the topk_group selected groups",
                 "raise topk_group or lower num_experts_per_tok")
-        if self.moe_latent_size is not None and (not isinstance(self.moe_latent_size, int) or self.moe_latent_size < 1):
+        if self.moe_latent_size is not None and (not _is_int(self.moe_latent_size) or self.moe_latent_size < 1):
             bad("moe_latent_size", "must be a positive int or None", "use None for a standard MoE")
-        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
-            bad("moe_capacity_factor", "must be positive or None", "use None for dropless dispatch")
+        if self.moe_capacity_factor is not None and not (_is_real(self.moe_capacity_factor)
+                                                         and 0 < self.moe_capacity_factor < math.inf):
+            bad("moe_capacity_factor", "must be positive or None (and finite)", "use None for dropless dispatch")
         if self.dtype not in _COMPUTE_DTYPES:
             bad("dtype", "unsupported compute dtype", f"use one of {_COMPUTE_DTYPES}")
         if self.mamba_ssm_cache_dtype not in _COMPUTE_DTYPES:
@@ -200,7 +247,8 @@ class ModelConfig:
             bad("precision", "unknown precision policy", f"use one of {PRECISIONS}")
         if not 0.0 <= self.nvfp4_bf16_last_fraction <= 1.0:
             bad("nvfp4_bf16_last_fraction", "must lie in [0, 1]", "Nemotron 3 keeps the last 0.15 in BF16")
-        if self.nvfp4_bf16_last_layers is not None and not 0 <= self.nvfp4_bf16_last_layers <= self.num_hidden_layers:
+        last = self.nvfp4_bf16_last_layers
+        if last is not None and not (_is_int(last) and 0 <= last <= self.num_hidden_layers):
             bad("nvfp4_bf16_last_layers", f"must lie in [0, num_hidden_layers={self.num_hidden_layers}] or be None",
                 "use None to apply nvfp4_bf16_last_fraction")
         # The op owns its list of implementations. Imported here, not at module level, so that config.py
@@ -214,6 +262,9 @@ class ModelConfig:
                 "see nemotron_jax/sharding.py DEFAULT_RULES, or use None for the defaults")
         if self.ssd_impl not in ssd_impls:
             bad("ssd_impl", "unknown SSD implementation", f"use one of {ssd_impls}")
+        from nemotron_jax.quant.dispatch import CONFIG_IMPLS as nvfp4_impls  # noqa: PLC0415
+        if self.nvfp4_impl not in nvfp4_impls:
+            bad("nvfp4_impl", "unknown NVFP4 quantizer implementation", f"use one of {nvfp4_impls}")
         lo, hi = self.time_step_limit
         if not (0.0 <= lo < hi):
             bad("time_step_limit", "needs 0 <= low < high", "use (0.0, inf) for training or (1e-3, inf) for HF parity")
@@ -224,10 +275,8 @@ class ModelConfig:
             bad("mlp_hidden_act", "only squared ReLU is implemented", "use 'relu2'")
         if self.mamba_hidden_act != "silu":
             bad("mamba_hidden_act", "only SiLU is implemented for the Mamba conv", "use 'silu'")
-        if not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings < 1:
+        if not _is_int(self.max_position_embeddings) or self.max_position_embeddings < 1:
             bad("max_position_embeddings", "must be a positive integer", "Nemotron 3 uses 262144")
-        if self.layer_norm_epsilon <= 0:
-            bad("layer_norm_epsilon", "must be positive", "Nemotron 3 uses 1e-5")
         if self.mtp_enabled:
             if self.num_nextn_predict_layers != 1:
                 bad("num_nextn_predict_layers", "only one shared-weight MTP block is supported",

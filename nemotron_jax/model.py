@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import checkify
 
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.blocks import Block
@@ -14,6 +15,7 @@ from nemotron_jax.layers.cache import CacheIndex
 from nemotron_jax.layers.common import Linear, QuantKey, Site, dtype_of, normal_init, param
 from nemotron_jax.layers.norms import RMSNorm
 from nemotron_jax.sharding import constrain, rules_of
+from nemotron_jax.validate import as_token_array, check_segment_ids, check_tokens, checkify_tokens
 
 
 class DecodeCache(NamedTuple):
@@ -34,10 +36,10 @@ class ModelOutput(NamedTuple):
 
 
 def shift_tokens(tokens_bt: jax.Array, k: int, fill: int = 0) -> jax.Array:
-    """tokens[:, i+k] at position i (fill past the end)."""
+    """tokens[:, i+k] at position i (fill past the end; all fill when k >= the sequence length)."""
     if k == 0:
         return tokens_bt
-    tail = jnp.full((tokens_bt.shape[0], k), fill, tokens_bt.dtype)
+    tail = jnp.full((tokens_bt.shape[0], min(k, tokens_bt.shape[1])), fill, tokens_bt.dtype)
     return jnp.concatenate([tokens_bt[:, k:], tail], axis=1)
 
 
@@ -75,14 +77,23 @@ class NemotronModel(nnx.Module):
         return self.lm_head(hidden_btd).astype(jnp.float32)
 
     def forward(self, tokens_bt: jax.Array, *, segment_ids: jax.Array | None = None,
-                mtp: bool | None = None, quant_key: jax.Array | None = None) -> ModelOutput:
+                mtp: bool | None = None, quant_key: jax.Array | None = None, checked: bool = False) -> ModelOutput:
         """Full forward. `mtp` (default: whether the config has MTP) also runs the MTP depths.
 
         `quant_key` feeds stochastic rounding in the backward pass of NVFP4 linears (precision="nvfp4");
         pass a fresh key every training step.
+
+        tokens: a [batch, seq] integer array (a list of lists of ints is converted), no empty axis; anything else
+        raises `nemotron_jax.validate.InputError` before tracing. Concrete ids outside [0, vocab_size) are refused
+        the same way. Inside jit the ids cannot be read and are NOT checked: an id >= vocab_size gives NaN
+        logits for its row, a negative id reads row vocab_size + id of the embedding. `checked=True` (under
+        `jax.experimental.checkify.checkify`, as `nemotron_jax.model.checked_apply` does) compiles the range
+        check in.
         """
-        if tokens_bt.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq] ints, got shape {tokens_bt.shape}")
+        tokens_bt = check_tokens(tokens_bt, self.cfg.vocab_size)
+        segment_ids = check_segment_ids(segment_ids, tokens_bt.shape)
+        if checked:
+            checkify_tokens(tokens_bt, self.cfg.vocab_size)
         if quant_key is None or self.quant_key is None:
             return self._forward(tokens_bt, segment_ids, mtp)
         self.quant_key.set_value(quant_key)  # for this call only, like a stream drawn once per step
@@ -149,8 +160,9 @@ class NemotronModel(nnx.Module):
         tokens are written; a sliced prefill gives every row the slice's offset, so rows whose prompt has ended
         (valid 0) write only past their end. Logits: `self.logits(hidden)`.
         """
+        tokens_bt = check_tokens(tokens_bt, self.cfg.vocab_size)  # unchecked values inside jit: see forward
         b, t = tokens_bt.shape
-        valid = jnp.full((b,), t, jnp.int32) if valid is None else valid.astype(jnp.int32)
+        valid = jnp.full((b,), t, jnp.int32) if valid is None else jnp.asarray(valid).astype(jnp.int32)
         start = cache.lengths if start is None else jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,))
         index = CacheIndex(start, valid, keep_steps)
         x = self._act(self.embed(tokens_bt))
@@ -188,12 +200,36 @@ def updated_router_biases(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.S
 
 def apply(graphdef: nnx.GraphDef, state: nnx.State | tuple, tokens_bt: jax.Array, *,
           segment_ids: jax.Array | None = None, mtp: bool | None = None,
-          quant_key: jax.Array | None = None) -> ModelOutput:
-    """Pure-function boundary: graphdef and state (or a tuple of states) from nnx.split(model); jit this."""
+          quant_key: jax.Array | None = None, checked: bool = False) -> ModelOutput:
+    """Pure-function boundary: graphdef and state (or a tuple of states) from nnx.split(model); jit this.
+
+    Token ids are validated as in `NemotronModel.forward`: shape and dtype always (InputError before
+    tracing), the values only when concrete. Under jit the values are unchecked (id >= vocab_size: NaN logits;
+    negative id: wraps to row vocab_size + id); `checked=True` adds a `checkify.check` on them, to be run
+    under `checkify.checkify` (`checked_apply` does both).
+    """
     if quant_key is not None:  # set in the state before the merge: a merged model's variables may belong to an
         states = state if isinstance(state, tuple) else (state,)  # outer trace and cannot be mutated here
         state = tuple(with_quant_key(s, quant_key) for s in states)
-    return merge(graphdef, state).forward(tokens_bt, segment_ids=segment_ids, mtp=mtp)
+    return merge(graphdef, state).forward(tokens_bt, segment_ids=segment_ids, mtp=mtp, checked=checked)
+
+
+def checked_apply(graphdef: nnx.GraphDef, state: nnx.State | tuple, tokens_bt: jax.Array, *,
+                  segment_ids: jax.Array | None = None, mtp: bool | None = None,
+                  quant_key: jax.Array | None = None):
+    """`apply` with the token-range check compiled in: (checkify.Error, ModelOutput). Jit it, then `err.throw()`:
+
+        err, out = jax.jit(lambda s, t: M.checked_apply(graphdef, s, t))(state, tokens)
+        err.throw()   # InputError-like JaxRuntimeError naming the first id outside [0, vocab_size)
+
+    Costs one reduction over the tokens per call; the unchecked `apply` is what a training step should use.
+    """
+    def run(state, tokens_bt, segment_ids, quant_key):
+        return apply(graphdef, state, tokens_bt, segment_ids=segment_ids, mtp=mtp, quant_key=quant_key, checked=True)
+
+    if isinstance(tokens_bt, (list, tuple)):  # one array, not a pytree of Python ints, through checkify
+        tokens_bt = as_token_array(tokens_bt)
+    return checkify.checkify(run)(state, tokens_bt, segment_ids, quant_key)
 
 
 def merge(graphdef: nnx.GraphDef, state: nnx.State | tuple) -> NemotronModel:

@@ -12,9 +12,21 @@ Random bits for stochastic rounding: either a uint32 array of x's shape (``bits=
 reference so both give identical output) or a ``seed`` from which the kernel derives bits with a
 counter-based hash of (seed, flat element index); ``hash_bits(seed, shape)`` is the same hash in jnp.
 
-Numerics replicate the reference step by step in fp32 (written out again here, not imported, so the
-bit-for-bit test compares two independent implementations). On GPU the in-kernel fp32 divisions and the
-RHT dot must be IEEE (no fast-math, no TF32) for the results to stay bit-identical; the GPU script checks.
+Numerics replicate the reference (and so TransformerEngine's reference quantizer; see
+docs/nvfp4_numerics.md) step by step in fp32, written out again here, not imported, so the bit-for-bit tests
+compare two independent implementations:
+  * the block-scale multiplier S_enc * fp32(1/6) is computed once, outside the kernel, behind an
+    optimization barrier, and passed in; the kernel does the single product amax_b * mult (TE's order);
+  * the RHT is a running fp32 sum over the 16 exact products x_k * (+-1/4) in index order (not a dot, whose
+    reduction order is the backend's), rounded to the input dtype for bf16/fp16 inputs (TE rotates in the
+    input dtype);
+  * a zero of either sign gets code 0x0 (+0), as TE.
+  * the one real fp32 division (e_b = 1 / (s_b * S_dec)) is IEEE: compiled for a GPU it is PTX div.rn.f32,
+    inlined, because Pallas' Triton lowering emits the approximate div.full.f32; the divisions by powers of
+    two are multiplications by exact reciprocals; round-half-even is floor plus a parity test (Triton has
+    no round primitive). Fused multiply-adds (Triton contracts by default) only touch exact products.
+benchmarks/gpu_nvfp4.sh checks the compiled kernel against TE's goldens and the reference on a GPU;
+tests/pallas_kernels/test_nvfp4.py cross-lowers it to Triton IR for an abstract H200 without one.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from jax.experimental import pallas as pl
 
 _B = 16
 _FLT_MAX = float(np.finfo(np.float32).max)
+_INV6 = float(np.float32(1.0) / np.float32(6.0))  # fp32(1/6), TE's torch.reciprocal(6.0)
 _SIGNS = np.array([1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1], np.float32)
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -84,16 +97,51 @@ def hash_bits(seed, shape) -> jax.Array:
 
 def _rne(v, mbits: int, emin: int):
     """Exact round-to-nearest-even of fp32 v onto a float grid (mbits mantissa bits, min exponent emin),
-    from the exponent bits: XLA's CPU f32 -> f4/f8 converts can round twice inside fusions."""
+    from the exponent bits: XLA's CPU f32 -> f4/f8 converts can round twice inside fusions. |v| / step is
+    exact and below 2**(mbits + 1), so the tie-to-even is decided with floor and the parity of the integer
+    part (Pallas' Triton lowering has no round primitive). The sign, signed zeros included, is v's."""
     a = jnp.abs(v)
     e = ((jax.lax.bitcast_convert_type(a, jnp.uint32) >> jnp.uint32(23)) & jnp.uint32(0xFF)).astype(jnp.int32)
     e = jnp.maximum(e - 127, emin)
     step = jax.lax.bitcast_convert_type(((e - mbits + 127).astype(jnp.uint32) << jnp.uint32(23)), jnp.float32)
-    return jnp.round(v / step) * step
+    inv = jax.lax.bitcast_convert_type(((mbits - e + 127).astype(jnp.uint32) << jnp.uint32(23)), jnp.float32)
+    t = a * inv  # = a / step, exact (a power of two; no division, which Triton compiles approximately)
+    fl = jnp.floor(t)
+    frac = t - fl  # exact
+    odd = (fl.astype(jnp.int32) & 1) == 1
+    mag = jnp.where((frac > 0.5) | ((frac == 0.5) & odd), fl + 1.0, fl) * step
+    return jnp.where(jnp.signbit(v), -mag, mag)
+
+
+def _div_rn(num, den, interpret: bool):
+    """IEEE fp32 division (round to nearest even). Compiled for a GPU, Pallas' Triton lowering emits an
+    approximate fp32 divide (PTX div.full.f32, up to 2 ulp), so there the exact PTX instruction is inlined;
+    the interpreter (and XLA) divide exactly already."""
+    num, den = jnp.broadcast_arrays(num, den)
+    if interpret:
+        return num / den
+    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415 - only for a compiled GPU kernel
+    [out] = pltriton.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[num, den], constraints="=f,f,f",
+                                            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(num.shape, num.dtype)])
+    return out
+
+
+def _round_to(v, dtype):
+    """fp32 v rounded nearest-even to bf16 / fp16 values, kept in fp32 (fp32: unchanged). Not a convert pair:
+    XLA (xla_allow_excess_precision, on by default) may delete f32 -> bf16 -> f32 and skip the rounding."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+        b = jax.lax.bitcast_convert_type(v, jnp.uint32)
+        b = (b + jnp.uint32(0x7FFF) + ((b >> jnp.uint32(16)) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+        return jnp.where(v != v, v, jax.lax.bitcast_convert_type(b, jnp.float32))
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float16):
+        r = _rne(v, 10, -14)
+        return jnp.where(jnp.abs(r) > jnp.float32(65504.0), v * jnp.float32(np.inf), r)
+    return v
 
 
 # ---------------------------------------------------------------- the kernel
-def _kernel(*refs, two_d: bool, rounding: str, bit_src: str, hadamard: bool, nb: int, apply_tensor_scale: bool):
+def _kernel(*refs, two_d: bool, rounding: str, bit_src: str, hadamard: bool, nb: int, apply_tensor_scale: bool,
+            interpret: bool):
     it = iter(refs)
     x_ref = next(it)
     sc_ref = next(it)
@@ -105,15 +153,25 @@ def _kernel(*refs, two_d: bool, rounding: str, bit_src: str, hadamard: bool, nb:
     x = x_ref[...].astype(jnp.float32)  # (br, bc, 16)
     br, bc, _ = x.shape
     if hadamard:
-        x = jnp.dot(x.reshape(br * bc, _B), m_ref[...], precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32).reshape(br, bc, _B)
-    s_enc = sc_ref[0]
+        # out_j = sum_k x_k * M[k, j], running fp32 sum in k order; column k of x is picked with a one-hot
+        # sum (exact: one value plus zeros), which every Pallas backend lowers (no lane slicing needed)
+        lane = jax.lax.broadcasted_iota(jnp.int32, (br, bc, _B), 2)
+        acc = None
+        for k in range(_B):
+            xk = jnp.sum(jnp.where(lane == k, x, jnp.float32(0.0)), axis=2, keepdims=True)
+            term = xk * m_ref[k, :]
+            acc = term if acc is None else acc + term
+        x = _round_to(acc, x_ref.dtype)  # TE rotates in the input dtype
     s_dec = sc_ref[1]
-    amax_b = jnp.max(jnp.abs(x), axis=(0, 2) if two_d else (2,), keepdims=True)
-    s_b = jnp.minimum(amax_b / jnp.float32(6.0) * s_enc, jnp.float32(448.0))
+    mult = sc_ref[2]  # S_enc * fp32(1/6), computed outside the kernel
+    amax_b = jnp.max(jnp.abs(x), axis=2, keepdims=True)
+    if two_d:  # one axis at a time (max is exact in any order; Triton's lowering reduces one axis per op)
+        amax_b = jnp.max(amax_b, axis=0, keepdims=True)
+    s_b = jnp.minimum(amax_b * mult, jnp.float32(448.0))
     s_b = _rne(s_b, 3, -6)  # e4m3 value, held in fp32
-    e_b = jnp.minimum(jnp.float32(1.0) / (s_b * s_dec), jnp.float32(_FLT_MAX))
-    y = jnp.clip(x * e_b, -6.0, 6.0)
+    e_b = jnp.minimum(_div_rn(jnp.float32(1.0), s_b * s_dec, interpret), jnp.float32(_FLT_MAX))
+    y = jnp.abs(jnp.clip(x * e_b, -6.0, 6.0))
+    y = jnp.where(x < 0, -y, y)  # TE's zero sign: negative iff x < 0 (an input -0.0 gives +0, code 0x0)
     if rounding == "nearest":
         q = _rne(y, 1, 0)  # E2M1 value, held in fp32
     else:
@@ -127,7 +185,8 @@ def _kernel(*refs, two_d: bool, rounding: str, bit_src: str, hadamard: bool, nb:
             bits = _hash(seed_ref[0], (r * jnp.uint32(nb) + b) * jnp.uint32(_B) + e)
         a = jnp.abs(y)
         step = jnp.where(a < 2.0, jnp.float32(0.5), jnp.where(a < 4.0, jnp.float32(1.0), jnp.float32(2.0)))
-        lo = jnp.floor(a / step) * step
+        inv = jnp.where(a < 2.0, jnp.float32(2.0), jnp.where(a < 4.0, jnp.float32(1.0), jnp.float32(0.5)))
+        lo = jnp.floor(a * inv) * step  # exact: step and inv are powers of two
         u = (bits >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0 ** -24)
         mag = jnp.minimum(jnp.where(u * step < a - lo, lo + step, lo), jnp.float32(6.0))
         q = jnp.where(jnp.signbit(y), -mag, mag)
@@ -163,8 +222,12 @@ def qdq_kernel(x: jax.Array, scales: jax.Array, *, block=(1, 16), rounding: str 
     bc = _pow2_divisor(nb, block_cols)
     grid = (rows // br, nb // bc)
     tile = pl.BlockSpec((br, bc, _B), lambda i, j: (i, j, 0))
-    in_specs = [tile, pl.BlockSpec((2,), lambda i, j: (0,))]
-    args = [x3, scales.astype(jnp.float32)]
+    in_specs = [tile, pl.BlockSpec((4,), lambda i, j: (0,))]
+    s_enc_dec = scales.astype(jnp.float32)
+    # (S_enc, S_dec, S_enc * fp32(1/6), pad): the multiplier is one fp32 product, pinned so that no compiler
+    # folds the constant into the in-kernel multiply by amax_b (TE's order, docs/nvfp4_numerics.md)
+    mult = jax.lax.optimization_barrier(s_enc_dec[0] * jnp.float32(_INV6))
+    args = [x3, jnp.stack([s_enc_dec[0], s_enc_dec[1], mult, jnp.float32(0.0)])]
     if hadamard:
         in_specs.append(pl.BlockSpec((_B, _B), lambda i, j: (0, 0)))
         args.append(jnp.asarray(_rht_np()))
@@ -186,7 +249,7 @@ def qdq_kernel(x: jax.Array, scales: jax.Array, *, block=(1, 16), rounding: str 
     s_spec = pl.BlockSpec((1 if two_d else br, bc, 1), lambda i, j: (i, j, 0))
     y, s = pl.pallas_call(
         functools.partial(_kernel, two_d=two_d, rounding=rounding, bit_src=bit_src, hadamard=hadamard, nb=nb,
-                          apply_tensor_scale=apply_tensor_scale),
+                          apply_tensor_scale=apply_tensor_scale, interpret=interpret),
         out_shape=(jax.ShapeDtypeStruct(x3.shape, out_dtype), jax.ShapeDtypeStruct((srows, nb, 1), jnp.float32)),
         grid=grid, in_specs=in_specs, out_specs=(tile, s_spec), interpret=interpret,
     )(*args)

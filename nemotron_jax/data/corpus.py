@@ -6,7 +6,11 @@ play (a poem, or a few sonnets, for the non-dramatic works), stored gzip-compres
 in `nemotron_jax/data/corpus/shakespeare.jsonl.gz`; see `corpus/PROVENANCE.md`.
 
 Any UTF-8 text file, or a directory of `*.txt` files, replaces it: each file is cut
-into documents at runs of two or more blank lines.
+into documents at runs of two or more blank lines. In a directory, a `*.txt` file that is
+binary (holds a NUL byte) or not valid UTF-8 is skipped with a `CorpusWarning` naming it and
+the first bad byte; a single file given as the source is refused (`CorpusError`) instead. A
+source that yields no text at all (empty files, every file skipped) raises `CorpusError`
+naming the source.
 
 The train/validation split is by document and deterministic: documents are ranked
 by a seeded hash of their name and the first `round(fraction * n)` (at least one)
@@ -23,6 +27,7 @@ import io
 import json
 import os
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -31,6 +36,14 @@ BUNDLED_CORPUS_FILE = "shakespeare.jsonl.gz"
 VALIDATION_FRACTION = 0.05
 SPLIT_SEED = 0
 SPLITS = ("train", "validation")
+
+
+class CorpusError(ValueError):
+    """A data source that cannot give a corpus (unreadable file, no text); the message names the source."""
+
+
+class CorpusWarning(UserWarning):
+    """A file of a data directory was skipped (binary or not UTF-8); the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +88,28 @@ def split_text(text: str, work: str) -> list[Document]:
     return [Document(f"{work}/{i:05d}", p) for i, p in enumerate(pieces)]
 
 
+def read_text_file(f: Path) -> str:
+    """The text of a UTF-8 file (a leading BOM dropped); CorpusError naming the file for binary or non-UTF-8 bytes."""
+    data = f.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise CorpusError(f"{str(f)!r} looks binary (NUL byte at offset {nul}), not a UTF-8 text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{str(f)!r} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def load_path(path: str | os.PathLike) -> list[Document]:
-    """Documents of a UTF-8 text file, or of every `*.txt` file under a directory (sorted)."""
+    """Documents of a UTF-8 text file, or of every `*.txt` file under a directory (sorted).
+
+    A binary or non-UTF-8 file is refused when it is the source itself and skipped with a CorpusWarning when it
+    sits in a source directory; a source with no text left raises CorpusError naming it (and what was skipped).
+    """
+    if isinstance(path, str) and not path.strip():
+        raise CorpusError("data source path is an empty string; give a file or directory, or None for the "
+                          "bundled corpus")
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data source path does not exist: {str(path)!r}")
@@ -88,11 +121,21 @@ def load_path(path: str | os.PathLike) -> list[Document]:
             raise FileNotFoundError(f"data source directory {str(path)!r} holds no *.txt files")
     else:
         raise FileNotFoundError(f"data source path is neither a file nor a directory: {str(path)!r}")
-    docs = []
+    docs, skipped = [], []
     for f in files:
-        docs += split_text(f.read_text(encoding="utf-8"), f.relative_to(root).as_posix())
+        try:
+            text = read_text_file(f)
+        except CorpusError as e:
+            if p.is_file():
+                raise CorpusError(f"data source {e}") from None
+            skipped.append(f.relative_to(root).as_posix())
+            warnings.warn(f"data source {str(path)!r}: skipping {e}", CorpusWarning, stacklevel=2)
+            continue
+        docs += split_text(text, f.relative_to(root).as_posix())
     if not docs:
-        raise ValueError(f"data source {str(path)!r} holds no text")
+        why = (f"; skipped (binary or not UTF-8): {', '.join(skipped)}" if skipped else
+               f" (its {len(files)} file(s) are empty or blank)" if p.is_dir() else " (the file is empty or blank)")
+        raise CorpusError(f"data source {str(path)!r} holds no text{why}")
     return docs
 
 
@@ -125,6 +168,8 @@ def split_documents(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    if not docs:
+        raise CorpusError("the corpus is empty (0 documents): nothing to split; check the data source")
     names = [d.name for d in docs]
     if len(set(names)) != len(names):
         raise ValueError("document names must be unique to split a corpus")
@@ -137,7 +182,7 @@ def split_documents(
     want_val = split == "validation"
     out = [d for d in docs if (d.name in val) == want_val]
     if not out:
-        raise ValueError(
+        raise CorpusError(
             f"split {split!r} is empty: the corpus has {n} document(s); give it more "
             "documents (separate them by two blank lines) or change validation_fraction"
         )
@@ -151,10 +196,12 @@ def load_split(
     validation_fraction: float = VALIDATION_FRACTION,
     split_seed: int = SPLIT_SEED,
 ) -> list[Document]:
-    """`split_documents(load_documents(source), split, ...)`."""
-    return split_documents(
-        load_documents(source), split, validation_fraction=validation_fraction, seed=split_seed
-    )
+    """`split_documents(load_documents(source), split, ...)`; a corpus error names the source."""
+    docs = load_documents(source)
+    try:
+        return split_documents(docs, split, validation_fraction=validation_fraction, seed=split_seed)
+    except CorpusError as e:
+        raise CorpusError(f"data source {'bundled corpus' if source is None else repr(str(source))}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------

@@ -14,6 +14,13 @@ from typing import Protocol, Sequence
 import numpy as np
 
 
+def _check_text(text, what: str = "text") -> str:
+    if not isinstance(text, str):
+        hint = " (decode bytes to str first, e.g. data.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""
+        raise TypeError(f"encode: {what} must be a str, got {type(text).__name__}{hint}")
+    return text
+
+
 class Tokenizer(Protocol):
     @property
     def vocab_size(self) -> int: ...
@@ -35,13 +42,15 @@ class ByteTokenizer:
         return 256
 
     def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+        return np.frombuffer(_check_text(text).encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
         ids = np.asarray(ids).reshape(-1)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"byte token ids must be integers, got dtype {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() > 255):
             raise ValueError(f"byte token ids must be in [0, 255], got [{ids.min()}, {ids.max()}]")
         return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
@@ -73,10 +82,11 @@ class HFTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        return np.asarray(self._tok.encode(_check_text(text), add_special_tokens=False).ids, dtype=np.int32)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        texts = [_check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+        encs = self._tok.encode_batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
 
     def decode(self, ids) -> str:

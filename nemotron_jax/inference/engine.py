@@ -25,6 +25,7 @@ from flax import nnx
 
 from nemotron_jax.inference.sampling import Sampling, choose, token_logprob
 from nemotron_jax.model import DecodeCache, merge
+from nemotron_jax.validate import InputError, check_tokens
 
 KEY_BLOCK = 256  # cache lengths are multiples of the cached-attention key block
 STOP_REASONS = ("max_new_tokens", "stop_token")
@@ -51,39 +52,65 @@ def bucket(n: int) -> int:
 def check_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Ragged prompts (a list of int sequences, or a 2-D int array) -> right-padded [b, P] int32 and lengths [b].
 
-    Refuses, before anything compiles, what would silently give garbage: an empty batch or prompt, non-integer
-    ids, ids outside [0, vocab_size).
+    Refuses with an InputError (a ValueError), before anything compiles, what would silently give garbage: an
+    empty batch or prompt, non-integer ids (floats, bools, strings), ids outside [0, vocab_size), anything that
+    is not a sequence of sequences.
     """
     if isinstance(prompts, (np.ndarray, jax.Array)):
         arr = np.asarray(prompts)
         if arr.ndim == 1:
-            raise ValueError("prompts: got a 1-D array; pass a batch, e.g. [ids] or ids[None, :]")
+            raise InputError("prompts: got a 1-D array; pass a batch, e.g. [ids] or ids[None, :]")
         if arr.ndim != 2:
-            raise ValueError(f"prompts must be a batch of token-id sequences; got an array of shape {arr.shape}")
+            raise InputError(f"prompts must be a batch of token-id sequences; got an array of shape {arr.shape}")
         rows = list(arr)
+    elif isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise InputError(f"prompts must be a batch of token-id sequences (e.g. [[1, 2, 3]]); got "
+                         f"{type(prompts).__name__}")
     else:
         rows = list(prompts)
     if not rows:
-        raise ValueError("prompts: the batch is empty; pass at least one prompt")
+        raise InputError("prompts: the batch is empty; pass at least one prompt")
     lengths = []
     for i, r in enumerate(rows):
-        r = np.asarray(r)
+        if isinstance(r, (str, bytes)):
+            raise InputError(f"prompt {i}: expected a sequence of token ids, got {type(r).__name__}; encode text "
+                             f"with the tokenizer first")
+        try:
+            r = np.asarray(r)
+        except ValueError as e:
+            raise InputError(f"prompt {i}: expected a flat sequence of token ids ({e})") from None
         if r.ndim != 1:
-            raise ValueError(f"prompt {i}: expected a sequence of token ids, got shape {r.shape}")
+            raise InputError(f"prompt {i}: expected a sequence of token ids, got shape {r.shape}")
         if r.size == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. a BOS id)")
-        if not np.issubdtype(r.dtype, np.integer):
-            raise ValueError(f"prompt {i}: token ids must be integers, got dtype {r.dtype}")
+            raise InputError(f"prompt {i} is empty; every prompt needs at least one token (e.g. a BOS id)")
+        if not np.issubdtype(r.dtype, np.integer):  # bool is not np.integer
+            raise InputError(f"prompt {i}: token ids must be integers, got dtype {r.dtype}")
         bad = (r < 0) | (r >= vocab_size)
         if bad.any():
             j = int(np.argmax(bad))
-            raise ValueError(f"prompt {i}: token id {int(r[j])} at position {j} is outside the vocabulary "
-                             f"[0, {vocab_size})")
+            raise InputError(f"prompt {i}: token id {int(r[j])} at position {j} is outside the vocabulary "
+                             f"[0, {vocab_size}) (vocab_size={vocab_size})")
         lengths.append(r.size)
     out = np.zeros((len(rows), max(lengths)), np.int32)
     for i, r in enumerate(rows):
         out[i, : lengths[i]] = np.asarray(r)
     return out, np.asarray(lengths, np.int32)
+
+
+def check_lengths(lengths_b, tokens_shape: tuple[int, int], *, name: str = "lengths_b") -> np.ndarray:
+    """Prompt lengths [b] as int32, each in [1, P] for right-padded tokens [b, P]; InputError otherwise."""
+    b, p = tokens_shape
+    arr = np.asarray(lengths_b)
+    if arr.shape != (b,):
+        raise InputError(f"{name} must be [batch] = ({b},), one length per row of the tokens; got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{name} must hold integers, got dtype {arr.dtype}")
+    bad = (arr < 1) | (arr > p)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(f"{name}[{i}]={int(arr[i])} is outside [1, {p}] (every prompt needs at least one token and "
+                         f"fits the {p} token columns)")
+    return arr.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- prefill and one decode step
@@ -123,11 +150,14 @@ def prefill(model, tokens_bt, lengths_b, *, max_len: int, chunk: int = 4096) -> 
     """(logits [b, v] at each row's last prompt token, cache holding the prompts).
 
     tokens [b, P] right-padded, lengths [b]; slices of `chunk` tokens (one compile for all full slices).
+    Bad tokens (not a non-empty [b, P] integer array, ids outside [0, vocab_size), padding included) or lengths
+    (not [b] integers in [1, P]) raise InputError before anything compiles.
     """
     graphdef, state = split_model(model)
-    tokens_bt, lengths_b = np.asarray(tokens_bt, np.int32), np.asarray(lengths_b, np.int32)
-    width, padded, slices = prefill_slices(tokens_bt, lengths_b, max_len=max_len, chunk=chunk)
     net = merge(graphdef, state)
+    tokens_bt = np.asarray(check_tokens(tokens_bt, net.cfg.vocab_size, name="tokens_bt"), np.int32)
+    lengths_b = check_lengths(lengths_b, tokens_bt.shape)
+    width, padded, slices = prefill_slices(tokens_bt, lengths_b, max_len=max_len, chunk=chunk)
     cache = net.init_cache(tokens_bt.shape[0], max_len)
     logits = jnp.zeros((tokens_bt.shape[0], net.cfg.vocab_size), jnp.float32)
     for s, valid in slices:

@@ -15,6 +15,17 @@ from nemotron_jax.quant import nvfp4
 from pallas_kernels import nvfp4 as nvfp4_kernel
 
 IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+# The names a model config may choose (ModelConfig.nvfp4_impl is checked against this tuple, imported inside
+# its validation, as ssd_impl is checked against nemotron_jax.ops.ssd.IMPLS). "pallas_interpret" is a testing
+# switch, not a config choice: "pallas" already runs interpreted off GPU.
+CONFIG_IMPLS = ("auto", "reference", "pallas")
+
+
+def resolve(impl: str, shape, dtype, block=(1, 16)) -> str:
+    """The impl that runs for an input of ``shape``/``dtype``: "reference", "pallas" or "pallas_interpret".
+    Only "auto" falls back (to the reference, off GPU or where the kernel's ``supports`` says no); a named
+    kernel impl fails closed with a ValueError naming the shape, dtype and block."""
+    return _resolve(impl, jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)), tuple(block))
 
 
 def _resolve(impl: str, x: jax.Array, block) -> str:
@@ -27,7 +38,7 @@ def _resolve(impl: str, x: jax.Array, block) -> str:
         return "pallas" if platform.on_gpu() and nvfp4_kernel.supports(x.shape, x.dtype, block) else "reference"
     if not nvfp4_kernel.supports(x.shape, x.dtype, block):
         raise ValueError(f"the NVFP4 Pallas kernel does not support shape {x.shape}, dtype {x.dtype}, "
-                         f"block {block}; use impl='reference' or 'auto'")
+                         f"block {block}; use impl='reference' or 'auto' (ModelConfig.nvfp4_impl)")
     return impl
 
 

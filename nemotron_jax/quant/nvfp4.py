@@ -5,15 +5,22 @@ Shapes: blocks run along the last axis (``block=(1, 16)``: 16 consecutive elemen
 for 16x16) that is not a multiple of 16 raises ``ValueError``; callers that need it pad with zeros (zeros
 change neither the tensor amax nor any block amax, so padding never changes the other values' quantization).
 
-Numerics (every step in fp32, in this order, so the Pallas kernel can match bit for bit):
+Numerics: TransformerEngine's reference quantizer, bit for bit (``NVFP4QuantizerRef`` in TE's
+transformer_engine/pytorch/custom_recipes/reference_nvfp4.py; golden data in tests/fixtures/nvfp4_te/, the
+order of operations and the TE line each step follows in docs/nvfp4_numerics.md). Every step in fp32, in
+this order, so the Pallas kernel can match bit for bit:
 
-    amax   = max|x|                          (after the RHT when hadamard=True), or the ``amax`` argument
-    S_enc  = min(6*448 / amax, FLT_MAX);  1 if amax == 0 or S_enc == 0 (amax = inf)
+    r      = x, or with hadamard=True: per 16-chunk r_j = sum_k x_k * M[k, j] in fp32, k = 0..15 in order,
+             then rounded to x's dtype (TE rotates in the input dtype: bf16 in, bf16 rotation out)
+    amax   = max|r|                          or the ``amax`` argument
+    S_enc  = min(fp32(6*448) / amax, FLT_MAX);  1 if amax == 0 or S_enc == 0 (amax = inf)
     S_dec  = 1 / S_enc
-    s_b    = e4m3_RNE(min(amax_b / 6 * S_enc, 448))      (clipped first: float8_e4m3fn casts do not saturate)
+    mult   = S_enc * fp32(1/6)                 (one fp32 product, pinned with an optimization barrier)
+    s_b    = e4m3_RNE(min(amax_b * mult, 448))  (clipped first: float8_e4m3fn casts do not saturate)
     e_b    = min(1 / (fp32(s_b) * S_dec), FLT_MAX)       (an all-zero block has s_b = 0, e_b = FLT_MAX)
-    codes  = round_E2M1(clamp(x * e_b, -6, 6))             (nearest-even, or stochastic)
-    x_hat  = (codes * s_b) * S_dec                         (codes*s_b is exact; one rounding, then to dtype)
+    codes  = round_E2M1(clamp(r * e_b, -6, 6))  (nearest-even, or stochastic; sign from r: r < 0 gives a
+             negative code, -0 = 0x8 if it rounds to zero, and r = +-0 gives 0x0, as TE)
+    x_hat  = (codes * s_b) * S_dec               (codes*s_b is exact; one rounding, then to dtype)
 
 Non-finite inputs (documented, tested):
   * NaN anywhere makes amax NaN, so ``tensor_scale`` is NaN and the whole dequantized tensor is NaN: a
@@ -28,9 +35,15 @@ Stochastic rounding: for |y| = |x * e_b| in [0, 6] let ``step`` be the E2M1 spac
 quantity in that comparison is exact in fp32, so P(up) = (|y| - lo) / step up to the 2**-24 grid of u: the
 result is one of the two neighbouring grid values and unbiased. The sign is copied back afterwards.
 
-RHT: ``M = diag(s) @ H16 / 4`` (Sylvester Hadamard, fixed sign vector s of the spec), applied to every
-contiguous 16-chunk of the last axis as ``x_blk @ M``; M is orthogonal, so ``rht_inverse`` (``@ M.T``)
-undoes it and the transform cancels in a product of two operands rotated along the reduction axis.
+RHT: ``M = diag(s) @ H16 / 4`` (Sylvester Hadamard, fixed sign vector s of the spec and of TE's
+``get_wgrad_sign_vector``), applied to every contiguous 16-chunk of the last axis as ``x_blk @ M``; M is
+orthogonal, so ``rht_inverse`` (``@ M.T``) undoes it and the transform cancels in a product of two operands
+rotated along the reduction axis. Each product x_k * (+-1/4) is exact, so only the order of the 16 additions
+matters: a running fp32 sum in index order (what torch's CPU matmul in TE's reference does), written out
+as 15 elementwise adds (XLA's dot reduces in another order and agrees on only about a third of values).
+
+The all-zero tensor (amax = 0) gets S_enc = 1 as in TE's CUDA kernels (``compute_global_encode_scaling_
+factor_FP4``); TE's Python reference gives FLT_MAX there. Codes and block scales are zero either way.
 """
 
 from __future__ import annotations
@@ -67,23 +80,45 @@ def rht_matrix() -> np.ndarray:
     return (np.diag(np.asarray(RHT_SIGNS, np.float32)) @ hadamard16() / 4.0).astype(np.float32)
 
 
+def _rotate_chunks(x32: jax.Array, m: np.ndarray) -> jax.Array:
+    """[..., 16] fp32 -> [..., 16]: out_j = sum_k x_k * m[k, j], a running fp32 sum over k = 0..15 in index
+    order (15 elementwise adds, which XLA does not reorder; each product by +-1/4 is exact)."""
+    acc = x32[..., 0:1] * jnp.asarray(m[0])
+    for k in range(1, BLOCK):
+        acc = acc + x32[..., k:k + 1] * jnp.asarray(m[k])
+    return acc
+
+
+def _storage_round(y32: jax.Array, dtype) -> jax.Array:
+    """fp32 values rounded (nearest-even) to the values of a narrower input dtype (bf16 or fp16), kept in fp32;
+    fp32 unchanged. Written with integer / exact ops, not as ``astype(bf16).astype(f32)``: XLA's default
+    ``xla_allow_excess_precision`` lets it delete such a convert pair, which silently skips the rounding."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.dtype(jnp.bfloat16):
+        b = jax.lax.bitcast_convert_type(y32, jnp.uint32)
+        b = (b + jnp.uint32(0x7FFF) + ((b >> jnp.uint32(16)) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+        return jnp.where(jnp.isnan(y32), y32, jax.lax.bitcast_convert_type(b, jnp.float32))
+    if dtype == jnp.dtype(jnp.float16):
+        r = round_nearest_even_fp(y32, 10, -14)
+        return jnp.where(jnp.abs(r) > jnp.float32(65504.0), y32 * jnp.float32(np.inf), r)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        raise ValueError(f"NVFP4 RHT: unsupported input dtype {dtype}; use fp32, bf16 or fp16")
+    return y32
+
+
 def rht(x: jax.Array) -> jax.Array:
-    """x_blk @ M for every 16-chunk of the last axis, in fp32 (exact fp32 dot, independent of the global
-    matmul-precision flag)."""
+    """x_blk @ M for every 16-chunk of the last axis, as TE's reference computes it: an fp32 running sum in
+    index order, rounded to x's dtype when x is bf16/fp16 (TE rotates in the input dtype). Returned as fp32."""
     _check_last(x.shape, 1, "rht")
     xb = x.astype(jnp.float32).reshape(-1, BLOCK)
-    y = jnp.dot(xb, jnp.asarray(rht_matrix()), precision=jax.lax.Precision.HIGHEST,
-                preferred_element_type=jnp.float32)
-    return y.reshape(x.shape)
+    return _storage_round(_rotate_chunks(xb, rht_matrix()), x.dtype).reshape(x.shape)
 
 
 def rht_inverse(x: jax.Array) -> jax.Array:
-    """Inverse of ``rht`` (x_blk @ M.T)."""
+    """Inverse of ``rht`` (x_blk @ M.T), fp32 running sum in index order, returned as fp32."""
     _check_last(x.shape, 1, "rht_inverse")
     xb = x.astype(jnp.float32).reshape(-1, BLOCK)
-    y = jnp.dot(xb, jnp.asarray(rht_matrix().T), precision=jax.lax.Precision.HIGHEST,
-                preferred_element_type=jnp.float32)
-    return y.reshape(x.shape)
+    return _rotate_chunks(xb, rht_matrix().T.copy()).reshape(x.shape)
 
 
 @jax.tree_util.register_dataclass
@@ -156,9 +191,19 @@ def e4m3_rne(v: jax.Array) -> jax.Array:
     return round_nearest_even_fp(v, 3, -6).astype(jnp.float8_e4m3fn)
 
 
+# fp32(1/6), the reciprocal TE folds into the tensor scale (torch.reciprocal of an fp32 6.0)
+INV_E2M1_MAX = float(np.float32(1.0) / np.float32(E2M1_MAX))
+
+
+def block_scale_multiplier(s_enc: jax.Array) -> jax.Array:
+    """S_enc * fp32(1/6) as one fp32 product, behind an optimization barrier so that XLA cannot fold the
+    constant into a neighbouring multiply (the block scale is amax_b times this, in this order: TE's)."""
+    return jax.lax.optimization_barrier(jnp.asarray(s_enc, jnp.float32) * jnp.float32(INV_E2M1_MAX))
+
+
 def block_scale_from_amax(amax_b: jax.Array, s_enc: jax.Array) -> jax.Array:
-    """s_b = e4m3_RNE(min(amax_b / 6 * S_enc, 448)), returned as float8_e4m3fn."""
-    s = jnp.minimum(amax_b / jnp.float32(E2M1_MAX) * s_enc, jnp.float32(E4M3_MAX))
+    """s_b = e4m3_RNE(min(amax_b * (S_enc * fp32(1/6)), 448)), returned as float8_e4m3fn (TE's order)."""
+    s = jnp.minimum(amax_b * block_scale_multiplier(s_enc), jnp.float32(E4M3_MAX))
     return e4m3_rne(s)
 
 
@@ -168,8 +213,18 @@ def encode_scale(s_b: jax.Array, s_dec: jax.Array) -> jax.Array:
 
 
 def round_e2m1_nearest(y: jax.Array) -> jax.Array:
-    """Round fp32 values in [-6, 6] to E2M1, nearest-even (what a correct float4_e2m1fn cast does)."""
+    """Round fp32 values in [-6, 6] to E2M1, nearest-even (what a correct float4_e2m1fn cast does; signed
+    zeros kept: ``quantize`` decides the sign of zeros beforehand with ``te_signed``)."""
     return round_nearest_even_fp(y, 1, 0).astype(jnp.float4_e2m1fn)
+
+
+def te_signed(x: jax.Array, y: jax.Array) -> jax.Array:
+    """y = x * e_b with TE's sign convention for zeros: negative (so -0 after rounding, code 0x8) iff x < 0;
+    an input zero of either sign gives +0 (code 0x0), as TE's ``cast_to_fp4x2`` puts -0.0 in the
+    [0, 0.25] bin. The sign comes from x, not from y, so that a product XLA flushes to zero (a subnormal
+    x * e_b; torch keeps it) still gives code 0x8, as in TE."""
+    a = jnp.abs(y)
+    return jnp.where(x < 0, -a, a)
 
 
 def uniform_from_bits(bits: jax.Array) -> jax.Array:
@@ -178,7 +233,8 @@ def uniform_from_bits(bits: jax.Array) -> jax.Array:
 
 
 def round_e2m1_stochastic(y: jax.Array, bits: jax.Array) -> jax.Array:
-    """Stochastically round fp32 values in [-6, 6] to one of their two neighbouring E2M1 values."""
+    """Stochastically round fp32 values in [-6, 6] to one of their two neighbouring E2M1 values (the sign,
+    signed zeros included, is y's)."""
     a = jnp.abs(y)
     step = jnp.where(a < 2.0, jnp.float32(0.5), jnp.where(a < 4.0, jnp.float32(1.0), jnp.float32(2.0)))
     lo = jnp.floor(a / step) * step  # exact: step is a power of two
@@ -239,7 +295,7 @@ def quantize(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax
     s_enc, s_dec = tensor_scales(amax)
     xb = blocked(x32, block)
     s_b = block_scale_from_amax(_block_amax(xb, block), s_enc)
-    y = jnp.clip(xb * encode_scale(s_b, s_dec), -E2M1_MAX, E2M1_MAX)
+    y = te_signed(xb, jnp.clip(xb * encode_scale(s_b, s_dec), -E2M1_MAX, E2M1_MAX))
     if rounding == "nearest":
         q = round_e2m1_nearest(y)
     else:

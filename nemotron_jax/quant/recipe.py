@@ -44,9 +44,10 @@ class NVFP4Recipe:
     stochastic_rounding: SR on the dY copies (off: nearest-even, so the backward pass ignores the key).
     weight_2d: 16x16 weight tiles shared by fprop and dgrad (off: W 1x16 along K for fprop, and a separate
         1x16-along-N quantization for dgrad, so W and W^T see different values).
-    impl: QDQ implementation, see nemotron_jax.quant.dispatch. Default "reference" (jnp, runs everywhere):
-        the compiled Pallas kernel has only been checked in interpret mode so far; switch to "auto" (kernel on
-        GPU) once benchmarks/gpu_nvfp4.sh has shown it bit-identical on the GPU.
+    impl: QDQ implementation, see nemotron_jax.quant.dispatch (all give the same bits). Default "reference"
+        (jnp, runs everywhere): the compiled Pallas kernel has only been checked in interpret mode so far;
+        switch to "auto" (kernel on GPU) once benchmarks/gpu_nvfp4.sh has shown it bit-identical on the GPU.
+        From a model config: ``ModelConfig.nvfp4_impl`` (``from_config``).
     """
 
     rht: bool = True
@@ -54,10 +55,15 @@ class NVFP4Recipe:
     weight_2d: bool = True
     impl: str = "reference"
 
+    def __post_init__(self):
+        if self.impl not in dispatch.IMPLS:
+            raise ValueError(f"NVFP4Recipe.impl={self.impl!r}: use one of {dispatch.IMPLS}")
+
     @classmethod
-    def from_config(cls, cfg, impl: str = "reference") -> "NVFP4Recipe":
+    def from_config(cls, cfg, impl: str | None = None) -> "NVFP4Recipe":
+        """The recipe a model config asks for; ``impl`` (if given) overrides ``cfg.nvfp4_impl``."""
         return cls(rht=cfg.nvfp4_rht, stochastic_rounding=cfg.nvfp4_stochastic_rounding,
-                   weight_2d=cfg.nvfp4_weight_2d, impl=impl)
+                   weight_2d=cfg.nvfp4_weight_2d, impl=cfg.nvfp4_impl if impl is None else impl)
 
 
 def quantizer_key(key: jax.Array, name: str) -> jax.Array:

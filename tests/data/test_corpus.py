@@ -88,3 +88,60 @@ def test_missing_or_empty_source_errors_name_the_path(tmp_path):
     one.write_text("a single document")
     with pytest.raises(ValueError, match="split 'validation' is empty"):
         corpus.load_split(one, "validation")
+
+
+# ----------------------------------------------------------------------------------------------- bad data sources
+def test_binary_and_non_utf8_files_in_a_directory_are_skipped_with_a_warning_naming_each(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "a.txt").write_text("good text\n\n\nmore good text")
+    (d / "blob.txt").write_bytes(b"GIF89a\x00\x01\x02binary")
+    (d / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    (d / "bom.txt").write_bytes("\ufeffwith a BOM".encode("utf-8"))
+    with pytest.warns(corpus.CorpusWarning) as rec:
+        docs = corpus.load_documents(d)
+    msgs = sorted(str(w.message) for w in rec)
+    assert len(msgs) == 2
+    assert "blob.txt" in msgs[0] and "looks binary (NUL byte at offset 6)" in msgs[0]
+    assert "latin1.txt" in msgs[1] and "not valid UTF-8 (byte 0xe9 at offset 3)" in msgs[1]
+    assert [x.text for x in docs] == ["good text", "more good text", "with a BOM"]  # the BOM is not text
+
+
+@pytest.mark.parametrize("data, words", [(b"\x00\x01\x02\x03", "looks binary"), (b"ok \xff\xfe", "not valid UTF-8")])
+def test_a_binary_or_non_utf8_source_file_is_refused(tmp_path, data, words):
+    f = tmp_path / "corpus.bin"
+    f.write_bytes(data)
+    with pytest.raises(corpus.CorpusError, match=words) as e:
+        corpus.load_documents(f)
+    assert str(f) in str(e.value)
+
+
+def test_empty_corpus_errors_name_the_source(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(corpus.CorpusError, match=rf"data source '{re.escape(str(empty))}' holds no text"):
+        corpus.load_documents(empty)
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("  \n\n \n")
+    (blank / "b.txt").write_text("")
+    with pytest.raises(corpus.CorpusError, match=r"holds no text \(its 2 file\(s\) are empty or blank\)"):
+        corpus.load_documents(blank)
+    allbad = tmp_path / "allbad"
+    allbad.mkdir()
+    (allbad / "x.txt").write_bytes(b"\x00")
+    with pytest.warns(corpus.CorpusWarning), pytest.raises(
+            corpus.CorpusError, match=r"holds no text; skipped \(binary or not UTF-8\): x.txt"):
+        corpus.load_documents(allbad)
+    with pytest.raises(corpus.CorpusError, match="empty string"):
+        corpus.load_documents("")
+    with pytest.raises(corpus.CorpusError, match=r"the corpus is empty \(0 documents\)"):
+        corpus.split_documents([], "train")
+    assert issubclass(corpus.CorpusError, ValueError)
+
+
+def test_split_error_names_the_source(tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("a single document")
+    with pytest.raises(corpus.CorpusError, match=rf"data source '{re.escape(str(one))}': split 'validation' is empty"):
+        corpus.load_split(one, "validation")

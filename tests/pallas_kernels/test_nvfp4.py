@@ -88,3 +88,34 @@ def test_dispatch_asks_supports_once_and_fails_closed(monkeypatch):
     verdict["deny"] = False
     jax.eval_shape(lambda x: dispatch.qdq(x, impl="auto"), X)   # traced only: no GPU to compile for
     assert len(asked) == 2 and launched == [False]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("block", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+def test_kernel_lowers_to_triton_for_h200_without_a_gpu(dtype, block):
+    """Cross-lower (no compile, no GPU) for an abstract H200: runs the Pallas -> Triton IR lowering, which
+    rejects unsupported primitives (round, multi-axis reductions in some versions) and non-power-of-two tiles.
+    The fp32 division must be the inlined IEEE div.rn.f32 (Triton's own fp32 divide is approximate). PTX
+    compilation and the bits on a GPU are checked by benchmarks/gpu_nvfp4.sh."""
+    import functools
+    import warnings
+    assert hasattr(jax.sharding, "AbstractDevice")
+    sds = jax.ShapeDtypeStruct
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    cases = [("nearest", False, None), ("nearest", True, None), ("stochastic", True, "bits"),
+             ("stochastic", False, "seed")]
+    for rounding, had, src in cases:
+        f = functools.partial(K.qdq_kernel, block=block, rounding=rounding, hadamard=had, interpret=False,
+                              out_dtype=jnp.bfloat16, apply_tensor_scale=src != "seed")
+        args = [sds((64, 256), dtype), sds((2,), jnp.float32),
+                sds((64, 256), jnp.uint32) if src == "bits" else sds((), jnp.uint32)]
+
+        def g(x, s, r, src=src, f=f):
+            return f(x, s, bits=r if src == "bits" else None, seed=r if src == "seed" else None)
+
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("d",), abstract_device=h200)), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the Pallas Triton backend's notice
+            text = jax.jit(g).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == 1, (rounding, had, src)
+        assert "div.rn.f32" in text

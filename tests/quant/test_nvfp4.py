@@ -16,7 +16,8 @@ E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], F)
 
 # ------------------------------------------------------------------ the oracle (numpy + ml_dtypes only)
 def oracle(x, block):
-    """NVFP4 nearest-even quantization of a 2D fp32 array, written from spec section 4 with ml_dtypes casts.
+    """NVFP4 nearest-even quantization of a 2D fp32 array, written from spec section 4 (in TE's order of
+    operations) with ml_dtypes casts.
     Returns (codes uint8 bit patterns, block scales float32, S_dec, dequantized float32)."""
     x = np.asarray(x, F)
     m, k = x.shape
@@ -32,9 +33,11 @@ def oracle(x, block):
         else:
             xb = x.reshape(m // 16, 16, k // 16, 16)
             amax_b = np.abs(xb).max(axis=(1, 3), keepdims=True)
-        s_b = np.minimum(amax_b / F(6) * s_enc, F(448)).astype(ml_dtypes.float8_e4m3fn).astype(F)
+        # TE's order: amax_b * (S_enc * fp32(1/6)) (docs/nvfp4_numerics.md)
+        s_b = np.minimum(amax_b * (s_enc * (F(1) / F(6))), F(448)).astype(ml_dtypes.float8_e4m3fn).astype(F)
         e_b = np.minimum(F(1) / (s_b * s_dec), FMAX)
-        y = np.clip(xb * e_b, F(-6), F(6))
+        y = np.abs(np.clip(xb * e_b, F(-6), F(6)))
+        y = np.where(xb < 0, -y, y)  # TE: negative iff x < 0; an input -0.0 gets code 0x0
     codes = y.astype(ml_dtypes.float4_e2m1fn)
     deq = (codes.astype(F) * s_b) * s_dec
     scales = s_b[..., 0] if block == (1, 16) else s_b[:, 0, :, 0]

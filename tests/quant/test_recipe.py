@@ -175,3 +175,50 @@ def test_mxfp8_matmul_operands_and_accuracy():
     plain = _vjp(lambda a, b: a @ b, x, w, dy)
     for q, p in zip((y, dx, dw), plain):
         assert _rel(q, p) < 0.1
+
+
+# --------------------------------------------------------------- the kernel reachable from a model config
+def test_nvfp4_impl_config_field_reaches_the_recipe():
+    from nemotron_jax.config import ConfigError, ModelConfig
+    from nemotron_jax.quant import dispatch, policy
+
+    assert ModelConfig.tiny().nvfp4_impl == "reference"  # until the GPU script has validated the kernel
+    for impl in dispatch.CONFIG_IMPLS:
+        cfg = ModelConfig.tiny(precision="nvfp4", nvfp4_impl=impl)
+        assert NVFP4Recipe.from_config(cfg).impl == impl
+        assert NVFP4Recipe.from_config(cfg, impl="reference").impl == "reference"  # explicit override
+        gemms = [policy.gemm_for(cfg, i, role, f"layers.{i}.{role}") for i in range(cfg.num_hidden_layers)
+                 for role in ("mamba.in_proj", "mlp.up", "moe.shared")]
+        nv = [g for g in gemms if g is not None and g.fmt == "nvfp4"]
+        assert nv and all(g.recipe.impl == impl for g in nv)
+        for i in range(cfg.num_hidden_layers):
+            r = policy.ragged_dot_for(cfg, i, f"layers.{i}.mixer.experts")
+            assert r is None or r.recipe.impl == impl
+    with pytest.raises(ConfigError, match=r"nvfp4_impl='triton'.*use one of \('auto', 'reference', 'pallas'\)"):
+        ModelConfig.tiny(nvfp4_impl="triton")
+    with pytest.raises(ValueError, match="NVFP4Recipe.impl='cuda'"):
+        NVFP4Recipe(impl="cuda")
+
+
+def test_pallas_impl_runs_interpreted_on_cpu_and_fails_closed():
+    """impl="pallas" (as ssd_impl="pallas") runs the kernel under the interpreter off GPU: the dense and grouped
+    recipes give the reference's bits, forward and backward. A call the kernel does not support raises a
+    ValueError naming the shape (no silent fallback); only "auto" falls back, to the reference off GPU."""
+    from nemotron_jax.quant import dispatch
+
+    k = jax.random.key(11)
+    ref, pal = NVFP4Recipe(impl="reference"), NVFP4Recipe(impl="pallas")
+    for a, b in zip(_dense(ref)(X, W, DY, k), _dense(pal)(X, W, DY, k)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x, dy = X.reshape(-1, 64)[:40], DY.reshape(-1, 32)[:40]
+    w = W[None].repeat(3, 0) * jnp.arange(1, 4, dtype=F)[:, None, None]
+    gs = jnp.array([10, 0, 30], jnp.int32)
+    f = lambda r: jax.jit(lambda: _vjp(lambda a, b: nvfp4_ragged_dot(a, b, gs, k, r), x, w, dy))()  # noqa: E731
+    for a, b in zip(f(ref), f(pal)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert dispatch.resolve("pallas", (40, 64), jnp.float32) == "pallas"
+    assert dispatch.resolve("auto", (40, 64), jnp.float32) == "reference"  # CPU
+    with pytest.raises(ValueError, match=r"does not support shape \(40, 64\), dtype int32.*nvfp4_impl"):
+        dispatch.resolve("pallas", (40, 64), jnp.int32)
+    with pytest.raises(ValueError, match="does not support shape"):
+        dispatch.qdq(jnp.ones((8, 24)), impl="pallas")
