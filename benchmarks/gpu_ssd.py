@@ -15,7 +15,8 @@ backend). Steps (each config in its own try/except, so one failing compile is re
   2. forward time: chunked XLA (default precision = TF32 dots on Hopper, and HIGHEST) vs the
      Mosaic kernel vs portable launch configs (block_p, num_warps; precision HIGHEST and TF32);
   3. forward+backward time: kernels (custom_vjp, chunked backward) vs chunked.
-Results print as a table and go to $OUT/gpu_ssd.json (or ./gpu_ssd.json) for docs/benchmarks.md.
+Results print as a table and go to --out (default: $OUT/gpu_ssd.json on the device machine, else
+runs/gpu_ssd.json, which git ignores; never the repository root) for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ def timeit(fn, args, repeats):
     return statistics.median(ts) * 1e3
 
 
+def default_out() -> str:
+    """$OUT/gpu_ssd.json where $OUT is set (the device machine's results folder), else runs/gpu_ssd.json."""
+    if os.environ.get("OUT"):
+        return os.path.join(os.environ["OUT"], "gpu_ssd.json")
+    return os.path.join(ROOT, "runs", "gpu_ssd.json")
+
+
+def write_report(report: dict, out: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(report, fh, indent=1, default=str)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--t", default="4096,16384")
@@ -86,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--smoke", action="store_true",
                     help="CPU plumbing check: 2 heads, chunk 64, kernels interpreted")
+    ap.add_argument("--out", default=None, help="where the JSON report goes (default: $OUT/gpu_ssd.json, else "
+                                                "runs/gpu_ssd.json)")
     a = ap.parse_args(argv)
     h, p, g, n, L = 64, 64, 8, 128, 128
     interp, t_check, seg_lens = False, 1000, [300, 200, 257, 243]
@@ -174,9 +191,7 @@ def main(argv=None):
     report["fwdbwd"].append(row)
     print(f"  fwd+bwd T={t}: {row}", flush=True)
 
-    out = os.path.join(os.environ.get("OUT", "."), "gpu_ssd.json")
-    with open(out, "w") as fh:
-        json.dump(report, fh, indent=1, default=str)
+    out = write_report(report, a.out or default_out())
     print(f"# wrote {out}")
 
 

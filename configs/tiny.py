@@ -54,5 +54,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.top_k = 40  # None or 0 keeps every token
     c.sample.top_p = 1.0
 
+    # a step with a non-finite loss or gradient is skipped (no update; counted in metrics.csv `skipped_steps`);
+    # this many in a row stop the run with the last good state checkpointed (0: never stop)
+    c.max_consecutive_skips = 10
+    # resuming with another `steps` or optim.* value changes the schedule: refused unless this is True
+    # (an accepted change is recorded in <workdir>/events.jsonl)
+    c.allow_schedule_change = False
+
     c.debug_kill_after_step = -1  # tests only: SIGKILL the run after this step
+    c.debug_kill_in_save_at_step = -1  # tests only: SIGKILL inside this step's checkpoint save (before it commits)
+    c.debug_nan_at_steps = ()  # tests only: NaN loss and gradients at these (1-based) steps
     return c

@@ -16,14 +16,20 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-_CONFIG = config_flags.DEFINE_config_file("config", str(_ROOT / "configs" / "tiny.py"), "experiment config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory; one subdirectory per run")
-_ABLATIONS = flags.DEFINE_bool("ablations", False, "also train with each recipe element switched off")
-_WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "write the table and plot into docs/experiments.md")
-_SEED_NOISE = flags.DEFINE_bool("seed_noise", True, "also train BF16 with seed+1 (other init and data order) "
-                                 "to show how much of a gap one seed change makes")
-_COMPUTE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32"],
-                             "compute dtype of every run (params stay fp32 masters)")
+_CONFIG = _WORKDIR = _ABLATIONS = _WRITE_DOCS = _SEED_NOISE = _COMPUTE = None
+
+
+def _define_flags() -> None:
+    """The command line's flags, defined only when run as a script (so tests can import the plot and table)."""
+    global _CONFIG, _WORKDIR, _ABLATIONS, _WRITE_DOCS, _SEED_NOISE, _COMPUTE
+    _CONFIG = config_flags.DEFINE_config_file("config", str(_ROOT / "configs" / "tiny.py"), "experiment config file")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "output directory; one subdirectory per run")
+    _ABLATIONS = flags.DEFINE_bool("ablations", False, "also train with each recipe element switched off")
+    _WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "write the table and plot into docs/experiments.md")
+    _SEED_NOISE = flags.DEFINE_bool("seed_noise", True, "also train BF16 with seed+1 (other init and data order) "
+                                     "to show how much of a gap one seed change makes")
+    _COMPUTE = flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32"],
+                                 "compute dtype of every run (params stay fp32 masters)")
 
 # name -> (precision, ModelConfig overrides)
 VARIANTS = {
@@ -73,18 +79,75 @@ def _reading(results, base) -> str:
     return "\n".join(lines)
 
 
+def results_table(results: dict) -> str:
+    """The markdown table of final losses and relative gaps to the "bf16" run."""
+    ref = results["bf16"]
+    lines = ["| run | final val loss | rel. gap vs BF16 (val) | train loss, last 10% | rel. gap (train) | "
+             "NVFP4 flush-to-zero |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        gv = (r["val"] - ref["val"]) / ref["val"]
+        gt = (r["train_tail"] - ref["train_tail"]) / ref["train_tail"]
+        ftz = "" if r["ftz"] is None else f"{r['ftz']:.3f}"
+        lines.append(f"| {name} | {r['val']:.4f} | {gv:+.2%} | {r['train_tail']:.4f} | {gt:+.2%} | {ftz} |")
+    return "\n".join(lines)
+
+
+def moving_mean(steps: list[int], values, window: int = 5) -> tuple[list[int], "np.ndarray"]:
+    """(steps, means) of a trailing moving mean; the window shrinks to the number of points (short runs log
+    only a few rows), and each mean is placed at the last step of its window."""
+    import numpy as np  # noqa: PLC0415
+
+    values = np.asarray(values, dtype=np.float64)
+    w = min(window, len(values))
+    if w == 0:
+        return [], values
+    return list(steps[w - 1:]), np.convolve(values, np.ones(w) / w, mode="valid")
+
+
+def plot_results(results: dict, title: str, path: pathlib.Path) -> None:
+    """Left: each run's train loss (dots: validation); right: the train-loss gap to the "bf16" run."""
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    ref = results["bf16"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ref_tr = {int(x["step"]): float(x["loss_main"]) for x in ref["rows"] if x.get("loss_main")}
+    for name, r in results.items():
+        tr = [(int(x["step"]), float(x["loss_main"])) for x in r["rows"] if x.get("loss_main")]
+        line, = ax.plot(*(zip(*tr) if tr else ([], [])), lw=1, label=name)
+        va = [(int(x["step"]), float(x["val_loss"])) for x in r["rows"] if x.get("val_loss")]
+        if va:
+            ax.plot(*zip(*va), "o", ms=4, color=line.get_color())
+        if name != "bf16":  # relative gap of the train loss to BF16 at each logged step, 5-point moving mean
+            paired = [(st, (v - ref_tr[st]) / ref_tr[st]) for st, v in tr if st in ref_tr]
+            steps, smooth = moving_mean([st for st, _ in paired], [g for _, g in paired])
+            if len(steps):
+                ax2.plot(steps, 100 * smooth, lw=1.2, color=line.get_color(), label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss (nats/token); dots: validation")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax2.axhline(0, color="gray", lw=0.8)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("train loss gap to BF16, % (moving mean of up to 5 points)")
+    ax2.set_title("relative gap to BF16")
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    import numpy as np  # noqa: PLC0415
-
     from nemotron_jax.train.loop import train  # noqa: PLC0415
 
     base = _CONFIG.value
@@ -109,45 +172,10 @@ def main(argv) -> None:
         results[name] = {"val": summary["val_loss"], "train_tail": _tail_mean(rows, "loss_main"), "rows": rows,
                          "ftz": _tail_mean(rows, "nvfp4_ftz_fraction") if precision == "nvfp4" else None}
 
-    ref = results["bf16"]
-    lines = ["| run | final val loss | rel. gap vs BF16 (val) | train loss, last 10% | rel. gap (train) | "
-             "NVFP4 flush-to-zero |", "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        gv = (r["val"] - ref["val"]) / ref["val"]
-        gt = (r["train_tail"] - ref["train_tail"]) / ref["train_tail"]
-        ftz = "" if r["ftz"] is None else f"{r['ftz']:.3f}"
-        lines.append(f"| {name} | {r['val']:.4f} | {gv:+.2%} | {r['train_tail']:.4f} | {gt:+.2%} | {ftz} |")
-    table = "\n".join(lines)
+    table = results_table(results)
     print("\n" + table)
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ref_tr = {int(x["step"]): float(x["loss_main"]) for x in ref["rows"] if x.get("loss_main")}
-    for name, r in results.items():
-        tr = [(int(x["step"]), float(x["loss_main"])) for x in r["rows"] if x.get("loss_main")]
-        line, = ax.plot(*zip(*tr), lw=1, label=name)
-        va = [(int(x["step"]), float(x["val_loss"])) for x in r["rows"] if x.get("val_loss")]
-        if va:
-            ax.plot(*zip(*va), "o", ms=4, color=line.get_color())
-        if name != "bf16":  # relative gap of the train loss to BF16 at each logged step, 5-point moving mean
-            steps = [st for st, _ in tr if st in ref_tr]
-            gap = np.array([(v - ref_tr[st]) / ref_tr[st] for st, v in tr if st in ref_tr])
-            smooth = np.convolve(gap, np.ones(5) / 5, mode="valid")
-            ax2.plot(steps[4:], 100 * smooth, lw=1.2, color=line.get_color(), label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("next-token loss (nats/token); dots: validation")
-    ax.set_yscale("log")
-    ax.set_title(f"loss: {base.model.preset}, same data order")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    ax2.axhline(0, color="gray", lw=0.8)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("train loss gap to BF16, % (5-point mean)")
-    ax2.set_title("relative gap to BF16")
-    ax2.legend(fontsize=8)
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
     plot = workdir / "nvfp4_vs_bf16.png"
-    fig.savefig(plot, dpi=120)
+    plot_results(results, f"loss: {base.model.preset}, same data order", plot)
     print(f"plot: {plot}")
 
     if _WRITE_DOCS.value:
@@ -184,4 +212,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -4,9 +4,10 @@
 
 Writes to the work directory: metrics.csv (and tensorboard/ when tensorboardX is installed), checkpoints/
 (orbax; a rerun resumes from the newest good one), loss.png, sample.txt and summary.json.
-Multi-host: start the same command on every host with --multihost (jax.distributed.initialize() runs first;
-on Cloud TPU and SLURM it finds its peers itself, elsewhere pass --coordinator_address, --num_processes and
---process_id).
+Multi-process: `python -m nemotron_jax.launch --processes N --cpu-devices D -- experiments/train.py ...` runs N
+local processes; on a cluster start the same command on every host with --multihost (jax.distributed.initialize()
+runs first; on Cloud TPU and SLURM it finds its peers itself, elsewhere pass --coordinator_address,
+--num_processes and --process_id). See nemotron_jax/launch.py.
 """
 
 from __future__ import annotations
@@ -43,19 +44,23 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     import jax  # noqa: PLC0415
 
-    if _MULTIHOST.value:
-        jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
-                                   process_id=_PID.value)
-    from nemotron_jax.train.loop import train  # noqa: PLC0415
+    from nemotron_jax import launch  # noqa: PLC0415
+
+    if _MULTIHOST.value or launch.launched():  # launched: python -m nemotron_jax.launch --processes N -- ...
+        launch.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+    from nemotron_jax.train.loop import NonFiniteError, train  # noqa: PLC0415
 
     from nemotron_jax.config import ConfigError  # noqa: PLC0415
-    try:
-        summary = train(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    gap = summary["unigram_baseline"] - summary["val_loss"]
-    print(f"\nvalidation loss {summary['val_loss']:.4f} nats/token vs unigram baseline "
-          f"{summary['unigram_baseline']:.4f} ({gap:+.4f} better)")
+    from nemotron_jax.train.checkpoint import CheckpointMismatchError  # noqa: PLC0415
+    from nemotron_jax.train.metrics import baseline_comparison  # noqa: PLC0415
+    with launch.fail_fast():  # multi-process: a failing process exits at once (see nemotron_jax/launch.py)
+        try:
+            summary = train(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+        except (ConfigError, CheckpointMismatchError, NonFiniteError) as e:
+            sys.exit(f"error: {e}")
+    print(f"\nvalidation loss {summary['val_loss']:.4f} nats/token, "
+          f"{baseline_comparison(summary['val_loss'], summary['unigram_baseline'])} the unigram baseline "
+          f"{summary['unigram_baseline']:.4f}")
     print(f"sample ({_WORKDIR.value}/sample.txt):\n{'-' * 60}\n{summary['sample']}\n{'-' * 60}")
     print(f"loss plot: {_WORKDIR.value}/loss.png   metrics: {_WORKDIR.value}/metrics.csv")
     sys.stdout.flush()

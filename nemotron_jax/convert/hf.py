@@ -180,8 +180,8 @@ def _scalar_ok(shape: tuple) -> bool:
     return shape in ((), (1,))
 
 
-def _read_quantized(h: SafetensorsFile, name: str, algo: str, hf_shape: tuple, handles, where) -> np.ndarray:
-    """The dequantized fp32 HF weight [N, K] of one quantized linear; every check names the tensor."""
+def _read_quant_tensors(name: str, algo: str, hf_shape: tuple, handles, where) -> dict[str, np.ndarray]:
+    """The stored tensors of one quantized linear ({name: array}), each checked (presence, dtype, shape)."""
     want = _expected_quant_tensors(name, algo, hf_shape)
     vals = {}
     for t, (shape, tags) in want.items():
@@ -202,6 +202,12 @@ def _read_quantized(h: SafetensorsFile, name: str, algo: str, hf_shape: tuple, h
                 why = f"expected {list(shape)}"
             raise CheckpointError(f"tensor {t!r} has shape {list(got)}: {why}")
         vals[t] = f.get(t)
+    return vals
+
+
+def _read_quantized(h: SafetensorsFile, name: str, algo: str, hf_shape: tuple, handles, where) -> np.ndarray:
+    """The dequantized fp32 HF weight [N, K] of one quantized linear; every check names the tensor."""
+    vals = _read_quant_tensors(name, algo, hf_shape, handles, where)
     m = name[: -len(".weight")]
     if algo == "NVFP4":
         s2 = vals[m + ".weight_scale_2"].reshape(())
@@ -214,12 +220,52 @@ def _read_quantized(h: SafetensorsFile, name: str, algo: str, hf_shape: tuple, h
     return fp8_dequantize(vals[name], s)
 
 
-def load_hf_weights(path: str | Path, cfg: ModelConfig, *, quant: QuantSpec | None | str = "auto") -> nnx.Module:
+def _read_nvfp4_packed(name: str, hf_shape: tuple, handles, where) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """(codes uint8 [N, K/2], block scales [N, K/16] E4M3, scale_2) of one NVFP4 linear, as stored (no copy,
+    no transpose); checked as for dequantizing, and the block scales must not hold the E4M3 NaN byte."""
+    vals = _read_quant_tensors(name, "NVFP4", hf_shape, handles, where)
+    m = name[: -len(".weight")]
+    s2 = np.float32(vals[m + ".weight_scale_2"].reshape(()))
+    if not np.isfinite(s2) or s2 <= 0:
+        raise CheckpointError(f"tensor {m + '.weight_scale_2'!r} = {s2}: must be finite and positive")
+    scales = vals[m + ".weight_scale"]
+    if np.any((scales.view(np.uint8) & 0x7F) == 0x7F):
+        raise CheckpointError(f"tensor {m + '.weight_scale'!r} holds NaN block scales (E4M3 byte 0x7F/0xFF)")
+    return vals[name], scales.view(np.uint8), s2
+
+
+def _packed_target(model, leaf_path: tuple):
+    """(module, attribute) of a leaf that may hold a packed NVFP4 weight: a Linear's kernel or the routed
+    experts' stacked up_proj / down_proj."""
+    from nemotron_jax.layers.common import Linear  # noqa: PLC0415
+    from nemotron_jax.layers.moe import RoutedExperts  # noqa: PLC0415
+
+    obj = model
+    for p in leaf_path[:-1]:
+        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+    attr = leaf_path[-1]
+    if not ((isinstance(obj, Linear) and attr == "kernel")
+            or (isinstance(obj, RoutedExperts) and attr in ("up_proj", "down_proj"))):
+        raise RuntimeError(f"{path_str(leaf_path)}: an NVFP4 weight outside a Linear or the routed experts")
+    return obj, attr
+
+
+def load_hf_weights(path: str | Path, cfg: ModelConfig, *, quant: QuantSpec | None | str = "auto",
+                    packed: bool = False, packed_impl: str | None = None) -> nnx.Module:
     """A NemotronModel for cfg with every parameter read from the Hub-layout safetensors under path.
 
     A ModelOpt-quantized checkpoint (hf_quant_config.json or quantization_config; quant="auto" reads it) is
-    dequantized at load: each NVFP4 / FP8 weight becomes its exact fp32 value, then the parameter dtype."""
+    dequantized at load: each NVFP4 / FP8 weight becomes its exact fp32 value, then the parameter dtype.
+    packed=True: NVFP4 weights stay packed instead (`quant.packed.NVFP4Weight` in place of the Linear's
+    kernel or the routed experts' stack, in the checkpoint's [out, in] layout, dequantized inside the GEMM
+    by `packed_impl`, default `quant.packed.DEFAULT_IMPL`); FP8 and unquantized weights load as usual, and
+    so does a stacked expert leaf whose experts are not all NVFP4 (dequantized at load)."""
     from nemotron_jax.model import abstract_model  # noqa: PLC0415
+    from nemotron_jax.quant import packed as pk  # noqa: PLC0415
+
+    packed_impl = pk.DEFAULT_IMPL if packed_impl is None else packed_impl
+    if packed_impl not in pk.IMPLS:
+        raise ConfigError(f"packed_impl={packed_impl!r}: use one of {pk.IMPLS}")
 
     spec = read_quant_spec(path) if quant == "auto" else quant
     graphdef, state = nnx.split(abstract_model(cfg))
@@ -263,10 +309,14 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig, *, quant: QuantSpec | No
         raise RuntimeError(f"no HF tensor fills {_short(path_str(p) for p in leftover)}")
 
     handles = {f: _open(f) for f in sorted(set(where.values()))}
+    packed_leaves: dict[tuple, Any] = {}
     try:
         for leaf_path, group in groups.items():
             var = flat[leaf_path]
             sds = var.get_value()
+            if packed and all(qnames.get(e.hf_name) == "NVFP4" for e in group):
+                packed_leaves[leaf_path] = _load_packed_leaf(group, hf_shapes, handles, where)
+                continue
             buf = np.empty(sds.shape, dtype=sds.dtype)
             filled = 0
             for e in group:
@@ -297,11 +347,38 @@ def load_hf_weights(path: str | Path, cfg: ModelConfig, *, quant: QuantSpec | No
     finally:
         for h in handles.values():
             h.close()
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    for leaf_path, p in packed_leaves.items():
+        obj, attr = _packed_target(model, leaf_path)
+        setattr(obj, attr, pk.NVFP4Weight(p, impl=packed_impl))
+    return model
+
+
+def _load_packed_leaf(group: list[Entry], hf_shapes: dict, handles, where):
+    """One leaf's NVFP4 weight(s) kept packed: a PackedNVFP4 [N, K] for a linear, [E, N, K] stacked for the
+    routed experts (expert j's codes in slot j, scale_2 [E])."""
+    from nemotron_jax.quant.packed import PackedNVFP4  # noqa: PLC0415
+
+    if group[0].expert is None:
+        assert len(group) == 1, group
+        e = group[0]
+        return PackedNVFP4.from_arrays(*_read_nvfp4_packed(e.hf_name, hf_shapes[e.hf_name], handles, where))
+    n_exp = len(group)
+    n, k = hf_shapes[group[0].hf_name]
+    codes = np.empty((n_exp, n, k // 2), np.uint8)
+    scales = np.empty((n_exp, n, k // NVFP4_GROUP), np.uint8)
+    s2 = np.empty((n_exp,), np.float32)
+    seen = set()
+    for e in group:
+        c, s, s2[e.expert] = _read_nvfp4_packed(e.hf_name, hf_shapes[e.hf_name], handles, where)
+        codes[e.expert], scales[e.expert] = c, s
+        seen.add(e.expert)
+    assert seen == set(range(n_exp)), (group[0].path, sorted(seen))
+    return PackedNVFP4.from_arrays(codes, scales, s2)
 
 
 def from_hf(path: str | Path, dtype: Any = jnp.float32, *, strict: bool = True, dequantize: bool = True,
-            **config_overrides: Any):
+            packed_impl: str | None = None, **config_overrides: Any):
     """Load an HF NemotronH checkpoint directory into a NemotronModel; `model(tokens)` gives [B, T, V] logits.
 
     dtype: parameter and compute dtype (float32 or bfloat16; the router weight and correction bias stay fp32).
@@ -309,13 +386,16 @@ def from_hf(path: str | Path, dtype: Any = jnp.float32, *, strict: bool = True, 
     (e.g. ssd_impl="reference"). The HF dt clamp is kept: time_step_limit=(time_step_min, inf).
     A ModelOpt NVFP4 / FP8 checkpoint (docs/quantized_checkpoints.md) is dequantized at load
     (dequantize=True, exact: each weight is E2M1/E4M3 code x scales in fp32, then `dtype`).
-    dequantize=False (NVFP4 kept packed in memory) is not implemented yet and raises.
+    dequantize=False keeps NVFP4 weights packed in memory (4.5 bits per weight, ModelOpt's layout) and
+    dequantizes them inside each GEMM (nemotron_jax/quant/packed.py; `packed_impl` "reference" (default),
+    "auto" or "pallas"): with the reference the logits equal the dequantize=True model's exactly. Such a
+    model is for inference: a backward pass through a packed weight raises PackedWeightError.
+    FP8 weights are dequantized at load either way.
     """
-    if not dequantize:
-        raise NotImplementedError("from_hf(dequantize=False): keeping NVFP4 weights packed in memory is not "
-                                  "implemented yet; use dequantize=True (exact dequantization at load)")
     cfg = config_from_hf(path, dtype=_dtype_name(dtype), strict=strict, **config_overrides)
-    return load_hf_weights(path, cfg)
+    if dequantize and packed_impl is not None:
+        raise ConfigError("from_hf: packed_impl applies to dequantize=False (packed NVFP4 weights) only")
+    return load_hf_weights(path, cfg, packed=not dequantize, packed_impl=packed_impl)
 
 
 def _hf_array(flat: dict, e: Entry, out_dtype) -> np.ndarray:
@@ -356,6 +436,10 @@ def to_hf(model, path: str | Path, *, dtype: Any = None, max_shard_bytes: int = 
     out_dtype = None if dtype is None else jnp.dtype(dtype)
     hf_cfg = config_to_hf(cfg, torch_dtype=(out_dtype.name if out_dtype is not None else cfg.param_dtype))
     flat = dict(nnx.to_flat_state(nnx.state(model)))
+    from nemotron_jax.quant.packed import NVFP4Weight  # noqa: PLC0415
+    if any(isinstance(v, NVFP4Weight) for v in flat.values()):
+        raise ConfigError("to_hf of a model with packed NVFP4 weights (from_hf(..., dequantize=False)) is not "
+                          "supported; load the checkpoint with dequantize=True to re-export it")
     table = entries(cfg)
     missing = set(flat) - {e.path for e in table}
     if missing:

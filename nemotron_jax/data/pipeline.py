@@ -14,12 +14,24 @@ Mamba scan must not cross segment boundaries; next-token targets must not either
 
 The iterator (`iter(make_dataset(...))`) is a `grain.DatasetIterator`: `get_state()`
 returns a JSON-serialisable dict, and `set_state(state)` on a fresh iterator of the same
-dataset resumes exactly. Documents are sharded by JAX process (`shard_index`,
-`shard_count`) before chunking, so processes see disjoint documents.
+dataset resumes exactly.
+
+Multi-process training (design): `batch_size` is the GLOBAL batch. Every process builds the
+same document stream and packs the same global batches (same seed, same documents); `rows`
+keeps only the rows of each global batch that this process's devices hold (the trainer
+computes them from the batch sharding: `nemotron_jax.train.mesh.process_rows`). So the global
+batch, and with it the loss curve, does not depend on how many processes there are, and the
+iterator's state (`get_state()`, taken before the row selection, which is stateless) is the
+same on every process: a checkpoint needs to store it once. The price is that every process
+tokenizes and packs the whole stream (cheap next to a training step for text corpora of this
+size). For corpora too large for that, `shard_index` / `shard_count` shard whole documents
+before chunking instead (processes then see disjoint documents, but the batches depend on the
+process count and each process's iterator has its own state).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -64,6 +76,10 @@ def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def _take_rows(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v[rows]) for k, v in batch.items()}
+
+
 def _as_element(chunk: np.ndarray) -> dict[str, np.ndarray]:
     return {"tokens": chunk}
 
@@ -80,8 +96,9 @@ def make_dataset(
     num_epochs: int | None = None,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
+    rows=None,
+    shard_index: int = 0,
+    shard_count: int = 1,
     validation_fraction: float = corpus_lib.VALIDATION_FRACTION,
     split_seed: int = corpus_lib.SPLIT_SEED,
     num_packing_bins: int | None = None,
@@ -94,15 +111,17 @@ def make_dataset(
         split: "train" or "validation".
         tokenizer: a tokenizer object, a `tokenizer.json` path, or None for bytes.
         seq_len: tokens per row (T).
-        batch_size: rows per batch on this process (B).
+        batch_size: rows per (global) batch (B).
+        rows: the rows of each batch that this process keeps (sorted indices in [0, batch_size));
+            None keeps all. The selection is stateless: the iterator state does not depend on it.
         seed: seeds the chunk shuffle (reshuffled each epoch) and the packed-row shuffle.
         shuffle: False keeps document order (e.g. for validation).
         num_epochs: passes over the data; None repeats forever.
         worker_count: grain worker processes (0: in this process). With > 0 the program
             must create and iterate the dataset under `if __name__ == "__main__":`.
         worker_buffer_size: batches each worker prefetches.
-        shard_index, shard_count: this process's shard of documents; default
-            `jax.process_index()` / `jax.process_count()`.
+        shard_index, shard_count: keep only documents `shard_index::shard_count` (default: all).
+            Not needed for multi-process training (see `rows` and the module doc).
         validation_fraction, split_seed: the train/validation split (see `corpus`).
         num_packing_bins: rows packed together at a time (default `batch_size`).
         drop_remainder: drop a last partial batch of a finite dataset.
@@ -113,6 +132,12 @@ def make_dataset(
         raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if not (rows.size and np.all(np.diff(rows) > 0) and rows[0] >= 0 and rows[-1] < batch_size):
+            raise ValueError(f"rows must be sorted distinct indices in [0, {batch_size}), got {rows.tolist()}")
+        if not drop_remainder and num_epochs is not None:
+            raise ValueError("rows needs full batches: use drop_remainder=True (or num_epochs=None)")
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = make_tokenizer(tokenizer)
 
@@ -136,6 +161,8 @@ def make_dataset(
         it_ds, length_struct={"tokens": seq_len}, num_packing_bins=num_packing_bins or batch_size,
         seed=seed, shuffle_bins=shuffle)
     it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder).map(_to_batch)
+    if rows is not None and rows.size < batch_size:
+        it_ds = it_ds.map(functools.partial(_take_rows, rows=rows))
     if worker_count > 0:
         # grain's worker processes read absl flags; a program that never parsed them
         # (no absl.app.run / config_flags) gets their defaults instead of an error.

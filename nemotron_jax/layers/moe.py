@@ -21,6 +21,7 @@ from nemotron_jax.layers.common import Linear, Site, dtype_of, normal_init, para
 from nemotron_jax.layers.mlp import MLP, out_proj_std
 from nemotron_jax.ops import expert_parallel as ep_ops
 from nemotron_jax.ops import moe_dispatch as md
+from nemotron_jax.quant import packed
 from nemotron_jax.sharding import rules_of
 
 
@@ -56,7 +57,9 @@ class Router(nnx.Module):
 
 
 class RoutedExperts(nnx.Module):
-    """Stacked non-gated relu^2 experts: up_proj [e, i, m], down_proj [e, m, i] (i = latent size or d).
+    """Stacked non-gated relu^2 experts: up_proj [e, i, m], down_proj [e, m, i] (i = latent size or d); or,
+    loaded with `from_hf(..., dequantize=False)`, inference-only packed NVFP4 stacks in HF's [e, out, in]
+    layout (`quant.packed.NVFP4Weight`), dequantized inside the jitted forward (`weights`).
 
     `ragged_dot` is the grouped GEMM the precision policy picked where the layer was built: None
     (`moe_dispatch.default_ragged_dot`) or a quantized one, fn(x_mk, w_gkn, group_sizes_g, state=key, shard=i).
@@ -80,6 +83,18 @@ class RoutedExperts(nnx.Module):
     @property
     def grouped_gemm(self) -> md.RaggedDot:
         return self.ragged_dot if self.ragged_dot is not None else md.default_ragged_dot
+
+    @property
+    def is_packed(self) -> bool:
+        """True when the stacked weights are inference-only packed NVFP4 (`from_hf(..., dequantize=False)`)."""
+        return isinstance(self.up_proj, packed.NVFP4Weight) or isinstance(self.down_proj, packed.NVFP4Weight)
+
+    def weights(self, dtype) -> tuple[jax.Array, jax.Array]:
+        """(up [e, i, m], down [e, m, i]) in `dtype`. A packed NVFP4 stack (HF's [e, out, in] codes, blocks along
+        `in`) is dequantized here, inside the jitted forward, in fp32 then cast: the values the
+        dequantize-at-load model holds, so the grouped GEMM and its output are the same."""
+        return tuple(packed.dequantize_stacked(w.get_value(), dtype) if isinstance(w, packed.NVFP4Weight)
+                     else w[...].astype(dtype) for w in (self.up_proj, self.down_proj))
 
 
 class MoE(nnx.Module):
@@ -127,7 +142,7 @@ class MoE(nnx.Module):
         u = self.fc1_latent_proj(x) if self.fc1_latent_proj is not None else x
         u_ni = u.reshape(b * t, -1)
         gates_nk, idx_nk = gates_btk.reshape(b * t, k), idx_btk.reshape(b * t, k)
-        w_up, w_down = self.experts.up_proj[...], self.experts.down_proj[...]
+        w_up, w_down = self.experts.weights(self.dtype)
         gemm = self.experts.grouped_gemm
         # the quantized GEMM's state: this step's rounding key (None outside a training step)
         key = self.experts.quant_key.get_value() if self.experts.quant_key is not None else None
@@ -135,13 +150,14 @@ class MoE(nnx.Module):
         if mesh is None:
             if key is not None:
                 gemm = functools.partial(gemm, state=key)
-            r_ni, counts = md.dropless_experts(u_ni, idx_nk, gates_nk, w_up.astype(self.dtype),
-                                               w_down.astype(self.dtype), gemm)
+            r_ni, counts = md.dropless_experts(u_ni, idx_nk, gates_nk, w_up, w_down, gemm)
             dropped = jnp.zeros((), jnp.int32)
         else:
             r_ni, counts, dropped = ep_ops.sharded_experts(
-                u_ni, idx_nk, gates_nk, w_up.astype(self.dtype), w_down.astype(self.dtype), mesh=mesh,
+                u_ni, idx_nk, gates_nk, w_up, w_down, mesh=mesh,
                 capacity_factor=cfg.moe_capacity_factor, ragged_dot=gemm, gemm_state=key, rules=rules_of(cfg))
+        if self.experts.is_packed:
+            r_ni = packed.inference_only(r_ni)  # no backward through packed weights (PackedWeightError)
         r = r_ni.reshape(b, t, -1)
         if self.fc2_latent_proj is not None:
             r = self.fc2_latent_proj(r)

@@ -19,11 +19,22 @@ def num_tiles(m: int, g: int, block: int) -> int:
     return (m + g * (block - 1)) // block + 1
 
 
-def blocked_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array, *, block: int = 32,
+def default_block(m: int, g: int) -> int:
+    """Tile rows for m rows over g groups: the power of two near half the mean group size, in [16, 256].
+
+    Larger tiles make fewer, larger GEMMs and a smaller gathered weight copy; the padding (under one tile per
+    group) grows with them. Measured on the bench MoE (8192 rows, 16 experts, 512 x 256, fwd+bwd): block 32 is
+    about 2x slower than 128-256 (issue 14)."""
+    half_mean = max(1, m // max(g, 1) // 2)
+    return int(min(256, max(16, 1 << (half_mean - 1).bit_length())))
+
+
+def blocked_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array, *, block: int | None = None,
                        preferred_element_type=None) -> jax.Array:
     """y[r] = x[r] @ w[group of r] for rows grouped contiguously by `group_sizes` ([g] ints); [m, n]."""
     m, k = x_mk.shape
     g, _, n = w_gkn.shape
+    block = default_block(m, g) if block is None else block
     nb = num_tiles(m, g, block)
     gs = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(gs)
@@ -42,7 +53,8 @@ def blocked_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array
     return jnp.where(inside[:, None], y, jnp.zeros((), y.dtype))
 
 
-def blocked_fits(m: int, g: int, k: int, n: int, itemsize: int, *, block: int = 32,
+def blocked_fits(m: int, g: int, k: int, n: int, itemsize: int, *, block: int | None = None,
                  budget_bytes: int = 256 << 20) -> bool:
     """Whether the gathered per-tile weight copy stays within `budget_bytes` (else use ragged_dot)."""
+    block = default_block(m, g) if block is None else block
     return num_tiles(m, g, block) * k * n * itemsize <= budget_bytes

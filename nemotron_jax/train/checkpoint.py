@@ -3,14 +3,25 @@
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save
 leaves the previous steps intact. The state is saved as a flat {path: array} dict and restored into the
 structure of a freshly built template, so any pytree the trainer holds (nnx.State, optax states) round-trips.
+Leftover temporary directories of a crashed save are removed when the next run opens the directory.
+
+Each checkpoint's `meta` item holds what the loop passes as `extra` (the model config and schedule it was written
+with, the count of skipped steps); `restore_latest(..., check_meta=...)` lets the caller refuse a checkpoint by its
+meta before its arrays are read (`train.run_setup`).
+
+Fault injection (tests): `Checkpointer(..., debug_kill_in_save_at_step=s)` SIGKILLs the process inside the save
+of step s, after every item is written to the temporary directory and before orbax commits (renames) it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import pathlib
+import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -37,11 +48,35 @@ def _unflat(flat: dict[str, Any], template):
     return jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in leaves])
 
 
+class _KillInFinalizeHandler(ocp.JsonCheckpointHandler):
+    """Tests only: an item whose finalize SIGKILLs the process. Orbax finalizes items only after every item of
+    the step is written, and commits (renames) the step's temporary directory after that: dying here is a crash
+    in the middle of a save."""
+
+    def finalize(self, directory) -> None:  # noqa: ARG002
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@ocp.args.register_with_handler(_KillInFinalizeHandler, for_save=True)
+@dataclasses.dataclass
+class _KillInFinalize(ocp.args.CheckpointArgs):
+    item: dict
+
+
+@ocp.args.register_with_handler(_KillInFinalizeHandler, for_restore=True)
+@dataclasses.dataclass
+class _KillInFinalizeRestore(ocp.args.CheckpointArgs):  # orbax wants a restore type for every handler
+    item: dict | None = None
+
+
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int = 3):
+    def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int = 3,
+                 debug_kill_in_save_at_step: int | None = None):
         self.directory = pathlib.Path(directory).absolute()
         self.every = every
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+        self.debug_kill_in_save_at_step = debug_kill_in_save_at_step
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True,
+                                            cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
     def should_save(self, step: int) -> bool:
@@ -51,14 +86,25 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(_flat(state)),
                                   data=ocp.args.JsonSave(data_state or {}),
                                   meta=ocp.args.JsonSave(dict(extra or {}, step=int(step))))
+        if self.debug_kill_in_save_at_step is not None and int(step) == self.debug_kill_in_save_at_step:
+            args = ocp.args.Composite(**dict(args.items()), zz_debug_kill=_KillInFinalize({}))
         self.manager.save(step, args=args, force=True)
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, template) -> tuple[int, Any, dict, dict] | None:
+    def read_meta(self, step: int) -> dict:
+        """The `meta` item of one checkpoint (JSON only; the arrays are not read)."""
+        got = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(got["meta"] or {})
+
+    def restore_latest(self, template, check_meta: Callable[[int, dict], None] | None = None
+                       ) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) from the newest checkpoint that restores; None when there is none.
+
+        `check_meta(step, meta)`, when given, sees each candidate's meta before its arrays are read and may raise
+        (CheckpointMismatchError for another model config): that stops the restore with nothing set aside.
 
         A checkpoint that fails to read (partial, corrupt) is reported and skipped; once an older one restores,
         the skipped ones are moved aside to `<directory>.corrupt/` (kept for inspection) so the run can write
@@ -70,6 +116,13 @@ class Checkpointer:
                                 _flat(template))
         bad: list[int] = []
         for step in reversed(self.steps()):
+            if check_meta is not None:
+                try:
+                    meta = self.read_meta(step)
+                except Exception as e:  # noqa: BLE001 - an unreadable meta: the full restore reports it below
+                    log.debug("meta of step %d unreadable: %s", step, e)
+                else:
+                    check_meta(step, meta)
             try:
                 got = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),

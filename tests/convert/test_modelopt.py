@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from nemotron_jax import ConfigError
 from nemotron_jax.convert import CheckpointError, from_hf, to_hf
 from nemotron_jax.convert import modelopt as mo
 from nemotron_jax.convert.safetensors_io import SafetensorsFile, save
+from nemotron_jax.quant import packed
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "modelopt"
 CASES = ["normal_f32", "normal_bf16", "heavy_tail", "zeros_outlier", "ties_negzero"]
@@ -287,9 +289,110 @@ def test_excluded_module_with_scales_is_unexpected(tmp_path):
         from_hf(d)
 
 
-def test_dequantize_false_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="dequantize=True"):
-        from_hf(FIX / "model_nvfp4", dequantize=False)
+# ----------------------------------------------------------------------------- packed NVFP4 (dequantize=False)
+def _jit_logits(model):
+    ids = jnp.asarray(SafetensorsFile(FIX / "logits.safetensors").get("input_ids"))
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, ids))
+
+
+def _state_bytes(model) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_packed_import_equals_dequantized_import(dtype):
+    """NVFP4 weights kept packed and dequantized inside the GEMM: logits exactly those of the model
+    dequantized at load (same values, same GEMM), eager and jitted."""
+    deq = from_hf(FIX / "model_nvfp4", dtype=dtype)
+    pk = from_hf(FIX / "model_nvfp4", dtype=dtype, dequantize=False)
+    found = packed.packed_weights(pk)
+    f = SafetensorsFile(FIX / "model_nvfp4" / "model.safetensors")
+    n_quantized = sum(k.endswith(".weight_scale_2") for k in f.keys())
+    n_expert = sum(".experts." in k and k.endswith(".weight_scale_2") for k in f.keys())
+    # one packed leaf per quantized linear, one per stacked expert projection (4 experts x up/down x 2 layers)
+    assert len(found) == n_quantized - n_expert + 4 and n_expert == 16
+    assert isinstance(pk.layers[0].mixer.in_proj.kernel, packed.NVFP4Weight)
+    assert not isinstance(pk.layers[0].mixer.in_proj.kernel, nnx.Param)
+    assert found["layers.1.mixer.experts.up_proj"].codes.shape == (4, 32, 32)  # [E, N=moe_inter, K/2 = 64/2]
+    assert found["layers.1.mixer.experts.up_proj"].scale_2.shape == (4,)
+    assert isinstance(pk.lm_head.kernel, nnx.Param)  # excluded from quantization: loaded as usual
+    if dtype == jnp.float32:  # eager (op by op) once; jitted for both dtypes
+        np.testing.assert_array_equal(bits(_logits(pk)), bits(_logits(deq)))
+    np.testing.assert_array_equal(bits(_jit_logits(pk)), bits(_jit_logits(deq)))
+    assert _state_bytes(pk) < _state_bytes(deq)
+
+
+def test_packed_generation_equals_dequantized():
+    from nemotron_jax.inference.engine import generate
+    prompts = [[5, 9, 3, 7, 1], [11, 2]]
+    a = generate(from_hf(FIX / "model_nvfp4"), prompts, max_new_tokens=6)
+    b = generate(from_hf(FIX / "model_nvfp4", dequantize=False), prompts, max_new_tokens=6)
+    assert a.tokens == b.tokens and all(len(t) == 6 for t in b.tokens)
+    for x, y in zip(a.logprobs, b.logprobs):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_packed_model_refuses_training():
+    from nemotron_jax import model as M
+    from nemotron_jax.losses import total_loss
+    pk = from_hf(FIX / "model_nvfp4", dequantize=False)
+    with pytest.raises(packed.PackedWeightError, match="inference-only.*dequantize=True"):
+        packed.check_trainable(pk)
+    graphdef, params, rest = nnx.split(pk, nnx.Param, ...)
+    assert not any(isinstance(v, packed.NVFP4Weight) for _, v in nnx.to_flat_state(params))  # optimizer never sees it
+    toks = jnp.asarray(SafetensorsFile(FIX / "logits.safetensors").get("input_ids"))
+
+    def loss(p):
+        return total_loss(pk.cfg, M.apply(graphdef, (p, rest), toks), toks)[0]
+
+    with pytest.raises(packed.PackedWeightError, match="dequantize=True"):
+        jax.grad(loss)(params)
+    # a model whose only packed weights are routed experts refuses too (the experts' own guard)
+    deq = from_hf(FIX / "model_nvfp4")
+    experts = pk.layers[1].mixer.experts
+    deq.layers[1].mixer.experts.up_proj = experts.up_proj
+    deq.layers[1].mixer.experts.down_proj = experts.down_proj
+    graphdef, params, rest = nnx.split(deq, nnx.Param, ...)
+    with pytest.raises(packed.PackedWeightError):
+        jax.grad(lambda p: total_loss(deq.cfg, M.apply(graphdef, (p, rest), toks), toks)[0])(params)
+
+
+def test_packed_load_of_fp8_and_unquantized_checkpoints_is_the_usual_load():
+    for name in ("model_fp8", "model"):
+        pk = from_hf(FIX / name, dequantize=False)
+        assert packed.packed_weights(pk) == {}
+        np.testing.assert_array_equal(bits(_logits(pk)), bits(_logits(from_hf(FIX / name))))
+
+
+def test_packed_impl_choice_and_fail_closed():
+    auto = from_hf(FIX / "model_nvfp4", dequantize=False, packed_impl="auto")  # CPU: the reference
+    np.testing.assert_array_equal(bits(_logits(auto)), bits(_logits(from_hf(FIX / "model_nvfp4"))))
+    # the Mamba in_proj here is [196, 64]: N % 16 != 0, so the named kernel refuses (no silent fallback)
+    kern = from_hf(FIX / "model_nvfp4", dequantize=False, packed_impl="pallas_interpret")
+    with pytest.raises(ValueError, match=r"does not support x .*\[196, 64\]"):
+        _logits(kern)
+    with pytest.raises(ConfigError, match="packed_impl='cuda'"):
+        from_hf(FIX / "model_nvfp4", dequantize=False, packed_impl="cuda")
+    with pytest.raises(ConfigError, match="dequantize=False"):
+        from_hf(FIX / "model_nvfp4", packed_impl="auto")
+
+
+def test_packed_model_export_refused(tmp_path):
+    with pytest.raises(ConfigError, match="dequantize=True to re-export"):
+        to_hf(from_hf(FIX / "model_nvfp4", dequantize=False), tmp_path / "out")
+
+
+def test_packed_nan_block_scale_named(tmp_path):
+    d = _copy("nvfp4", tmp_path)
+
+    def nan(t):
+        s = t[W + ".weight_scale"].view(np.uint8).copy()
+        s[0, 0] = 0x7F
+        t[W + ".weight_scale"] = s.view(mo.E4M3)
+    _edit_tensors(d, nan)
+    with pytest.raises(CheckpointError, match=rf"{W}\.weight_scale.*NaN"):
+        from_hf(d, dequantize=False)
 
 
 def test_mixed_precision_and_exclude_patterns():

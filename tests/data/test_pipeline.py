@@ -135,7 +135,7 @@ def test_process_sharding_disjoint(small_corpus):
     assert shard[0] and shard[1]
     assert not shard[0] & shard[1]
     assert shard[0] | shard[1] == train_ids
-    # Defaults come from jax.process_index()/process_count(): one process here.
+    # By default every document (multi-process runs select rows of the global batch instead).
     assert doc_ids(make_dataset(path, **kw)) == train_ids
     with pytest.raises(ValueError, match="shard_index < shard_count"):
         make_dataset(path, shard_index=2, shard_count=2, **kw)

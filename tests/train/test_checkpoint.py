@@ -45,3 +45,47 @@ def test_another_model_is_refused_not_restarted(tmp_path):
     with pytest.raises((CheckpointMismatchError, RuntimeError)):
         ck.restore_latest(other)
     ck.close()
+
+
+_KILL_IN_SAVE = """
+import sys
+import jax.numpy as jnp
+from nemotron_jax.train.checkpoint import Checkpointer
+ck = Checkpointer(sys.argv[1], every=1, debug_kill_in_save_at_step=2)
+ck.save(1, {"w": jnp.ones(3)}, {"pos": 1})
+ck.save(2, {"w": jnp.full(3, 2.0)}, {"pos": 2})
+print("not killed")
+"""
+
+
+def test_kill_inside_save_keeps_the_previous_step_and_the_leftover_is_removed(tmp_path):
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", _KILL_IN_SAVE, str(tmp_path / "ck")], capture_output=True, text=True,
+                       cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), timeout=300)
+    assert r.returncode == -9 and "not killed" not in r.stdout, r.stderr[-2000:]
+    left = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert left[0] == "1" and left[1].startswith("2.") and len(left) == 2, left  # step 2 only as a temporary dir
+    ck = Checkpointer(tmp_path / "ck", every=1)
+    assert ck.steps() == [1]
+    step, state, data, _ = ck.restore_latest({"w": jnp.zeros(3)})
+    assert step == 1 and data == {"pos": 1} and float(state["w"][0]) == 1.0
+    ck.close()
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"]  # orbax removed the leftover (in background)
+
+
+def test_check_meta_refuses_before_reading_arrays_and_sets_nothing_aside(tmp_path):
+    ck = Checkpointer(tmp_path / "ck", every=1)
+    ck.save(1, _state(1.0), {}, extra={"model_config": {"hidden_size": 64}})
+    seen = []
+
+    def check(step, meta):
+        seen.append((step, meta["model_config"]["hidden_size"]))
+        raise CheckpointMismatchError("another model")
+
+    with pytest.raises(CheckpointMismatchError, match="another model"):
+        ck.restore_latest({"params": {"w": jnp.zeros((5, 5))}}, check_meta=check)  # would fail to restore
+    assert seen == [(1, 64)] and ck.steps() == [1] and not (tmp_path / "ck.corrupt").exists()
+    ck.close()

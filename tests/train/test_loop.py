@@ -1,43 +1,38 @@
-"""End-to-end training runs: CLI outputs, kill-and-resume bit for bit, corrupt checkpoint fallback, meshes."""
+"""End-to-end training runs: CLI outputs, kill-and-resume bit for bit (also a kill inside a checkpoint save),
+corrupt checkpoint fallback, meshes."""
 
-import csv
-import os
 import pathlib
-import subprocess
-import sys
+import re
 
 import jax
 import numpy as np
 import pytest
 
 from nemotron_jax.config import ConfigError
+from nemotron_jax.train.checkpoint import CheckpointMismatchError
 from nemotron_jax.train.loop import check_config, train
+from tests.helpers.runs import cli as _cli
+from tests.helpers.runs import logged_losses as _losses
 from tests.helpers.runs import small_exp
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _cli(workdir, *overrides, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # a single CPU device, like the README command
-    args = [sys.executable, str(ROOT / "experiments" / "train.py"), f"--workdir={workdir}", "--no_progress",
-            "--config.steps=8", "--config.data.seq_len=32", "--config.data.batch_size=4", "--config.log_every=1",
-            "--config.eval_every=4", "--config.eval_batches=2", "--config.ckpt_every=3", "--config.sample.length=8",
-            "--config.optim.warmup_steps=2", *overrides]
-    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, check=check, timeout=600)
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted 8-step CLI run (checkpoints at 3, 6, 8): the reference of the kill tests."""
+    full = tmp_path_factory.mktemp("full")
+    return full, _cli(full)
 
 
-def _losses(workdir):
-    with open(pathlib.Path(workdir) / "metrics.csv") as f:
-        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f) if r["loss"]]
-
-
-def test_cli_end_to_end_and_kill_resume_bit_exact(tmp_path):
-    full = tmp_path / "full"
-    out = _cli(full)
+def test_cli_end_to_end_and_kill_resume_bit_exact(tmp_path, full_run):
+    full, out = full_run
     for name in ("metrics.csv", "loss.png", "sample.txt", "summary.json", "config.json"):
         assert (full / name).exists(), name
     assert sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6, 8]
     assert "unigram baseline" in out.stdout and "sample" in out.stdout
+    # the comparison with the baseline says which way it goes (it said "(-0.54 better)" for a worse model)
+    assert re.search(r"validation loss [\d.]+ nats/token, [\d.]+ (better|worse) than the unigram baseline", out.stdout)
     assert (full / "loss.png").stat().st_size > 5000
 
     killed = tmp_path / "killed"
@@ -49,6 +44,23 @@ def test_cli_end_to_end_and_kill_resume_bit_exact(tmp_path):
     assert [s for s, _ in a] == list(range(1, 9)) and a == b  # identical strings: bit for bit
 
 
+def test_kill_inside_checkpoint_save_loses_only_that_save(tmp_path, full_run):
+    """SIGKILL inside the save of step 6, after orbax wrote every item to its temporary directory and before it
+    committed (renamed) it: step 6 is lost, step 3 is intact; the rerun removes the leftover, resumes from step 3
+    and continues bit for bit like the uninterrupted run."""
+    full, _ = full_run
+    run = tmp_path / "killed_in_save"
+    r = _cli(run, "--config.debug_kill_in_save_at_step=6", check=False)
+    assert r.returncode == -9, r.stderr[-2000:]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert [n for n in names if n.isdigit()] == ["3"] and any(n.startswith("6.") and "tmp" in n for n in names), names
+    r = _cli(run)
+    assert "resumed from step 3" in r.stdout, r.stdout[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3", "6", "8"]  # leftover removed
+    a, b = _losses(full), _losses(run)
+    assert [s for s, _ in a] == list(range(1, 9)) and a == b
+
+
 def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     exp = small_exp(steps=6)
     train(exp, tmp_path, progress=False)
@@ -57,6 +69,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
         if f.is_file() and f.stat().st_size > 0 and "state" in str(f):
             f.write_bytes(b"garbage")
     exp.steps = 7
+    exp.allow_schedule_change = True  # a longer run is a schedule change: allowed explicitly (tests/train/test_faults.py)
     summary = train(exp, tmp_path, progress=False)
     assert summary["steps"] == 7
     steps = [s for s, _ in _losses(tmp_path)]
@@ -64,7 +77,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     assert any((tmp_path / "checkpoints.corrupt").iterdir())  # the bad step is kept aside, not deleted
     # a changed model cannot restore any checkpoint: that must stop the run, not restart it from step 0
     exp.model.overrides.hidden_size = 96
-    with pytest.raises(RuntimeError, match="no checkpoint .* could be restored"):
+    with pytest.raises(CheckpointMismatchError, match="hidden_size"):
         train(exp, tmp_path, progress=False)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6, 7]
 
