@@ -106,12 +106,13 @@ def moving_mean(steps: list[int], values, window: int = 5) -> tuple[list[int], "
 
 def plot_results(results: dict, title: str, path: pathlib.Path) -> None:
     """Left: each run's train loss (dots: validation); right: the train-loss gap to the "bf16" run."""
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    # A bare Figure (no pyplot): draws without a display and leaves the process's matplotlib backend alone, so
+    # a notebook that calls the trainer keeps showing its own figures inline.
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
     ref = results["bf16"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    ax, ax2 = fig.subplots(1, 2)
     ref_tr = {int(x["step"]): float(x["loss_main"]) for x in ref["rows"] if x.get("loss_main")}
     for name, r in results.items():
         tr = [(int(x["step"]), float(x["loss_main"])) for x in r["rows"] if x.get("loss_main")]
@@ -139,7 +140,6 @@ def plot_results(results: dict, title: str, path: pathlib.Path) -> None:
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv) -> None:

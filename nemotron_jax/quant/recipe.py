@@ -31,6 +31,8 @@ import zlib
 import jax
 import jax.numpy as jnp
 
+from nemotron_jax import platform
+from nemotron_jax.ops import grouped_gemm
 from nemotron_jax.quant import dispatch, mxfp8
 
 _F32 = jnp.float32
@@ -187,6 +189,26 @@ def _per_expert(fn, w):
     return jax.vmap(fn)(w)
 
 
+def _grouped_dot(x_mk, w_gkn, group_sizes):
+    """fp32-accumulated grouped GEMM: the tiled CPU path where it fits (lax.ragged_dot lowers on CPU to work
+    proportional to rows x groups), lax.ragged_dot elsewhere. Both sum the same products in fp32 (the order
+    may differ by an ulp)."""
+    (m, k), (g, _, n) = x_mk.shape, w_gkn.shape
+    if platform.on_cpu() and grouped_gemm.blocked_fits(m, g, k, n, 4):
+        return grouped_gemm.blocked_ragged_dot(x_mk, w_gkn, group_sizes, preferred_element_type=_F32)
+    return jax.lax.ragged_dot(x_mk, w_gkn, group_sizes, preferred_element_type=_F32)
+
+
+def _grouped_wgrad(x_mk, dy_mn, group_sizes):
+    """dW [G, K, N] = per group, X_g^T dY_g in fp32 (tiled on CPU, ragged_dot_general elsewhere)."""
+    (m, k), n, g = x_mk.shape, dy_mn.shape[1], group_sizes.shape[0]
+    if platform.on_cpu() and grouped_gemm.blocked_fits(m, g, k, n, 4):
+        return grouped_gemm.blocked_group_outer(x_mk, dy_mn, group_sizes, g, preferred_element_type=_F32)
+    dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                           lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(x_mk, dy_mn, group_sizes, dn, preferred_element_type=_F32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _nvfp4_ragged(x, w, group_sizes, key, recipe):
     return _ragged_fwd(x, w, group_sizes, key, recipe)[0]
@@ -196,7 +218,7 @@ def _ragged_fwd(x, w, group_sizes, key, recipe):
     m = x.shape[0]
     xv, sx = _q(x, recipe)
     wv, sw = _per_expert(lambda wg: _weight_fprop(wg, recipe), w)  # [G, K, N], [G]
-    y = jax.lax.ragged_dot(xv, wv, group_sizes, preferred_element_type=_F32)
+    y = _grouped_dot(xv, wv, group_sizes)
     y = y * (sx * sw[_group_ids(group_sizes, m)])[:, None]
     return y.astype(x.dtype), (x, w, group_sizes, key)
 
@@ -209,7 +231,7 @@ def _ragged_bwd(recipe, res, dy):
     # Dgrad: dX [M, K] = dY [M, N] . W_g^T per group
     dyv, sdy = _q(dy, recipe, sr=True, key=kd)
     wv, sw = _per_expert(lambda wg: _weight_dgrad(wg, recipe), w)
-    dx = jax.lax.ragged_dot(dyv, jnp.swapaxes(wv, 1, 2), group_sizes, preferred_element_type=_F32)
+    dx = _grouped_dot(dyv, jnp.swapaxes(wv, 1, 2), group_sizes)
     dx = dx * (sdy * sw[gid])[:, None]
     # Wgrad: dW_g = X_g^T . dY_g, each group zero-padded to a multiple of 16 tokens so no 16-block (or RHT
     # chunk) straddles two experts; one tensor scale per token-side tensor (amax over all its rows).
@@ -218,9 +240,7 @@ def _ragged_bwd(recipe, res, dy):
     dyp = jnp.zeros((mp, dy.shape[1]), dy.dtype).at[dest].set(dy, mode="drop")
     xtv, sxt = _q(xp.T, recipe, hadamard=recipe.rht)
     dytv, sdyt = _q(dyp.T, recipe, sr=True, key=kw, hadamard=recipe.rht)
-    dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
-                                           lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    dw = jax.lax.ragged_dot_general(xtv.T, dytv.T, psizes, dn, preferred_element_type=_F32) * (sxt * sdyt)
+    dw = _grouped_wgrad(xtv.T, dytv.T, psizes) * (sxt * sdyt)
     return dx.astype(x.dtype), dw.astype(w.dtype), None, None
 
 

@@ -145,12 +145,17 @@ class Checkpointer:
     def _set_aside(self, steps: list[int]) -> None:
         if not steps:
             return
-        aside = self.directory.with_name(self.directory.name + ".corrupt")
-        aside.mkdir(exist_ok=True)
-        for step in steps:
-            src = self.directory / str(step)
-            if src.exists():
-                src.rename(aside / f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:  # one process renames (the folder is shared); the others wait for it
+            aside = self.directory.with_name(self.directory.name + ".corrupt")
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                src = self.directory / str(step)
+                if src.exists():
+                    src.rename(aside / f"{step}-{int(time.time())}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices("nemotron_jax checkpoint set-aside")
         self.manager.reload()
 
     def close(self) -> None:

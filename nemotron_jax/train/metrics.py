@@ -93,13 +93,14 @@ class MetricsLog:
 
 
 def plot_losses(rows: list[dict], baseline: float, path: pathlib.Path, title: str) -> None:
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    # A bare Figure (no pyplot): draws without a display and leaves the process's matplotlib backend alone, so
+    # a notebook that calls the trainer keeps showing its own figures inline.
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
     tr = [(int(r["step"]), float(r["loss_main"])) for r in rows if r.get("loss_main") not in ("", None)]
     va = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss") not in ("", None)]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if tr:
         ax.plot(*zip(*tr), label="train (next-token CE)", lw=1)
     if va:
@@ -112,4 +113,3 @@ def plot_losses(rows: list[dict], baseline: float, path: pathlib.Path, title: st
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
