@@ -12,6 +12,11 @@ from typing import Any
 LAYER_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 _COMPUTE_DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("bf16", "nvfp4")
+# Activation rematerialisation of the training forward (nemotron_jax.model): "none" keeps every activation for the
+# backward; "block" recomputes each block's insides in the backward (keeps only the block inputs); "mamba_only"
+# does that for the Mamba blocks alone (their SSD intermediates are the largest); "block_save_dots" keeps the
+# matmul outputs of every block and recomputes the elementwise work around them.
+REMAT_MODES = ("none", "block", "mamba_only", "block_save_dots")
 _BOOL_FIELDS = ("rescale_prenorm_residual", "attention_bias", "mlp_bias", "use_conv_bias", "mamba_proj_bias",
                 "norm_topk_prob", "nvfp4_rht", "nvfp4_stochastic_rounding", "nvfp4_weight_2d", "mamba_out_proj_mxfp8")
 # (field, lowest value, whether the lowest is excluded, the fix): finite real numbers (int or float, not bool)
@@ -123,6 +128,7 @@ class ModelConfig:
     # (the kernel on a GPU where it supports the call, the reference elsewhere). All give identical bits.
     # "reference" until benchmarks/gpu_nvfp4.sh has shown the compiled kernel bit-identical on a GPU.
     nvfp4_impl: str = "reference"
+    remat: str = "none"  # activation rematerialisation, one of REMAT_MODES (a memory / time trade-off)
     mamba_out_proj_mxfp8: bool = True  # Mamba out_proj in MXFP8 under the NVFP4 policy
 
     # ------------------------------------------------------------------ derived
@@ -262,6 +268,8 @@ class ModelConfig:
                 "see nemotron_jax/sharding.py DEFAULT_RULES, or use None for the defaults")
         if self.ssd_impl not in ssd_impls:
             bad("ssd_impl", "unknown SSD implementation", f"use one of {ssd_impls}")
+        if self.remat not in REMAT_MODES:
+            bad("remat", "unknown rematerialisation mode", f"use one of {REMAT_MODES}")
         from nemotron_jax.quant.dispatch import CONFIG_IMPLS as nvfp4_impls  # noqa: PLC0415
         if self.nvfp4_impl not in nvfp4_impls:
             bad("nvfp4_impl", "unknown NVFP4 quantizer implementation", f"use one of {nvfp4_impls}")

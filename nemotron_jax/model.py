@@ -111,7 +111,7 @@ class NemotronModel(nnx.Module):
         moe_aux, loads = [], {}
         for i, blk in enumerate(self.layers):
             with jax.named_scope(f"layer{i}_{blk.kind}"):
-                x, _, aux = blk(x, segment_ids=segment_ids)
+                x, _, aux = _remat_block(self.cfg.remat, blk.kind)(blk, x, segment_ids)
                 x = self._act(x)
             if aux is not None:
                 moe_aux.append(aux)
@@ -180,6 +180,29 @@ class NemotronModel(nnx.Module):
         """One MTP depth over T positions with its own cache: (h^k [b, T, d], new MTP cache)."""
         h, _, mtp_cache = self.mtp(h_btd, self.embed(next_tokens_bt), cache=mtp_cache, index=index)
         return h, mtp_cache
+
+
+def _call_block(blk, x_btd, segment_ids):
+    return blk(x_btd, segment_ids=segment_ids)
+
+
+_REMAT_POLICIES = {"block": None, "mamba_only": None,
+                   "block_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _remat_block(mode: str, kind: str):
+    """The block call of the training forward under `cfg.remat` (config.REMAT_MODES): plain, or a pure function
+    of the block's state under jax.checkpoint, so that its backward recomputes the block's insides instead of
+    keeping them. (The forward never writes the block's state, so nothing has to flow back out.)"""
+    if mode == "none" or (mode == "mamba_only" and kind != "mamba"):
+        return _call_block
+    policy = _REMAT_POLICIES[mode]
+
+    def call(blk, x_btd, segment_ids):
+        graphdef, state = nnx.split(blk)
+        pure = jax.checkpoint(lambda st, x, seg: _call_block(nnx.merge(graphdef, st), x, seg), policy=policy)
+        return pure(state, x_btd, segment_ids)
+    return call
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> NemotronModel:

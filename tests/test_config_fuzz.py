@@ -63,6 +63,7 @@ def valid_configs(draw):
         time_step_limit=draw(st.sampled_from([(0.0, math.inf), (1e-3, math.inf), (0.0, 0.5)])),
         mamba_ssm_cache_dtype=draw(st.sampled_from(["float32", "bfloat16"])),
         ssd_impl=draw(st.sampled_from(["chunked", "reference", "auto"])),  # "pallas" fails closed on CPU by design
+        remat=draw(st.sampled_from(["none", "block", "mamba_only", "block_save_dots"])),
         n_routed_experts=experts, num_experts_per_tok=draw(st.integers(1, k_max)), n_group=n_group,
         topk_group=topk_group, norm_topk_prob=draw(st.booleans()),
         moe_intermediate_size=draw(st.sampled_from([4, 8])),
@@ -97,6 +98,7 @@ OVERRIDES = {
                                         (math.nan, 1.0), (math.inf, math.inf), (0.0,), (0.0, 1.0, 2.0), None, 1.0,
                                         ("0", "1")]),
     "mamba_ssm_cache_dtype": _DTYPE, "ssd_impl": st.sampled_from(["chunked", "reference", "auto", "fast", None]),
+    "remat": st.sampled_from(["none", "block", "mamba_only", "block_save_dots", "full", None, 1]),
     "n_routed_experts": _INT, "num_experts_per_tok": _INT, "moe_intermediate_size": _INT,
     "moe_shared_expert_intermediate_size": _INT, "n_shared_experts": _INT,
     "moe_latent_size": st.one_of(st.none(), _INT), "routed_scaling_factor": _REAL, "n_group": _INT,
