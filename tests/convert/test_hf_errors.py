@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors import safe_open
-from safetensors.numpy import save_file
-
 from nemotron_jax import ConfigError
 from nemotron_jax.convert import CheckpointError, config_from_hf, from_hf
+from nemotron_jax.convert.safetensors_io import save
+from tests.helpers.checkpoints import edit_json, edit_tensors, read_tensors
 
 REF = Path(__file__).resolve().parents[1] / "fixtures" / "hf_reference"
 
@@ -26,19 +25,12 @@ def copy_case(case: str, dst: Path) -> Path:
     return d
 
 
-def read(d: Path) -> dict[str, np.ndarray]:
-    with safe_open(str(d / "model.safetensors"), framework="numpy") as h:
-        return {k: h.get_tensor(k) for k in h.keys()}
-
-
 def edit_config(d: Path, **changes) -> None:
-    cfg = json.loads((d / "config.json").read_text())
-    for k, v in changes.items():
-        if v is ...:
-            cfg.pop(k)
-        else:
-            cfg[k] = v
-    (d / "config.json").write_text(json.dumps(cfg))
+    """Set config.json fields (`...` removes one)."""
+    def edit(cfg):
+        for k, v in changes.items():
+            cfg.pop(k) if v is ... else cfg.__setitem__(k, v)
+    edit_json(d, "config.json", edit)
 
 
 def hf_config(case: str) -> dict:
@@ -127,27 +119,23 @@ def test_bad_pattern_character(tmp_path):
 # ----------------------------------------------------------------------------- checkpoint contents
 def test_missing_tensor(tmp_path):
     d = copy_case("moe", tmp_path)
-    t = read(d)
-    del t["backbone.layers.3.mixer.experts.5.up_proj.weight"]
-    save_file(t, str(d / "model.safetensors"))
+    edit_tensors(d, lambda t: t.pop("backbone.layers.3.mixer.experts.5.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing.*backbone\.layers\.3\.mixer\.experts\.5\.up_proj\.weight"):
         from_hf(d)
 
 
 def test_unexpected_tensor(tmp_path):
     d = copy_case("moe", tmp_path)
-    t = read(d)
-    t["backbone.layers.1.mixer.experts.8.up_proj.weight"] = t["backbone.layers.1.mixer.experts.0.up_proj.weight"]
-    save_file(t, str(d / "model.safetensors"))
+    e = "backbone.layers.1.mixer.experts.{}.up_proj.weight"
+    edit_tensors(d, lambda t: t.update({e.format(8): t[e.format(0)]}))
     with pytest.raises(CheckpointError, match=r"unexpected.*experts\.8\.up_proj"):
         from_hf(d)
 
 
 def test_wrong_shape(tmp_path):
     d = copy_case("latent_moe", tmp_path)
-    t = read(d)
-    t["backbone.layers.0.mixer.conv1d.weight"] = t["backbone.layers.0.mixer.conv1d.weight"][..., :3].copy()
-    save_file(t, str(d / "model.safetensors"))
+    w = "backbone.layers.0.mixer.conv1d.weight"
+    edit_tensors(d, lambda t: t.update({w: t[w][..., :3].copy()}))
     msg = r"backbone\.layers\.0\.mixer\.conv1d\.weight.*shape \[96, 1, 3\]; the config needs \[96, 1, 4\]"
     with pytest.raises(CheckpointError, match=msg):
         from_hf(d)
@@ -162,21 +150,15 @@ def test_config_disagrees_with_tensors(tmp_path):
 
 def test_wrong_dtype(tmp_path):
     d = copy_case("hybrid_dense", tmp_path)
-    t = read(d)
-    t["backbone.layers.2.mixer.A_log"] = t["backbone.layers.2.mixer.A_log"].astype(np.int32)
-    save_file(t, str(d / "model.safetensors"))
+    a = "backbone.layers.2.mixer.A_log"
+    edit_tensors(d, lambda t: t.update({a: t[a].astype(np.int32)}))
     with pytest.raises(CheckpointError, match=r"backbone\.layers\.2\.mixer\.A_log.*dtype I32"):
         from_hf(d)
 
 
 def test_sharded_index_problems(tmp_path):
     d = copy_case("hybrid_dense", tmp_path)
-    t = read(d)
-    names = sorted(t)
-    (d / "model.safetensors").unlink()
-    save_file({k: t[k] for k in names[:10]}, str(d / "a.safetensors"))
-    save_file({k: t[k] for k in names[10:]}, str(d / "b.safetensors"))
-    wmap = {k: ("a.safetensors" if i < 10 else "b.safetensors") for i, k in enumerate(names)}
+    wmap, names = _sharded(d)
     wmap[names[0]] = "b.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
     with pytest.raises(CheckpointError, match=repr(names[0])):
@@ -200,11 +182,11 @@ def test_no_checkpoint(tmp_path):
 
 # ----------------------------------------------------------------------------- loading safety (issue 16.6)
 def _sharded(d: Path) -> tuple[dict, list[str]]:
-    t = read(d)
+    t = read_tensors(d)
     names = sorted(t)
     (d / "model.safetensors").unlink()
-    save_file({k: t[k] for k in names[:10]}, str(d / "a.safetensors"))
-    save_file({k: t[k] for k in names[10:]}, str(d / "b.safetensors"))
+    save({k: t[k] for k in names[:10]}, d / "a.safetensors")
+    save({k: t[k] for k in names[10:]}, d / "b.safetensors")
     return {k: ("a.safetensors" if i < 10 else "b.safetensors") for i, k in enumerate(names)}, names
 
 

@@ -4,7 +4,6 @@ made by tools/make_modelopt_goldens.py with nvidia-modelopt 0.47 on CPU), import
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -18,6 +17,7 @@ from nemotron_jax.convert import CheckpointError, from_hf, to_hf
 from nemotron_jax.convert import modelopt as mo
 from nemotron_jax.convert.safetensors_io import SafetensorsFile, save
 from nemotron_jax.quant import packed
+from tests.helpers.checkpoints import copy_checkpoint, edit_json, edit_tensors
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "modelopt"
 CASES = ["normal_f32", "normal_bf16", "heavy_tail", "zeros_outlier", "ties_negzero"]
@@ -178,24 +178,12 @@ def test_export_bf16_weights(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _copy(algo, tmp_path) -> Path:
-    d = tmp_path / algo
-    shutil.copytree(FIX / f"model_{algo}", d)
-    return d
-
-
-def _edit_tensors(d: Path, fn) -> None:
-    f = SafetensorsFile(d / "model.safetensors")
-    t = {k: f.get(k) for k in f.keys()}
-    f.close()
-    fn(t)
-    save(t, d / "model.safetensors")
+def _copy(algo, dst: Path) -> Path:
+    return copy_checkpoint(FIX / f"model_{algo}", dst)
 
 
 def _edit_quant(d: Path, **changes) -> None:
-    hq = json.loads((d / "hf_quant_config.json").read_text())
-    hq["quantization"].update(changes)
-    (d / "hf_quant_config.json").write_text(json.dumps(hq))
+    edit_json(d, "hf_quant_config.json", lambda hq: hq["quantization"].update(changes))
 
 
 W = "backbone.layers.1.mixer.experts.2.up_proj"
@@ -203,11 +191,11 @@ W = "backbone.layers.1.mixer.experts.2.up_proj"
 
 def test_missing_scale_named(tmp_path):
     d = _copy("nvfp4", tmp_path)
-    _edit_tensors(d, lambda t: t.pop(W + ".weight_scale_2"))
+    edit_tensors(d, lambda t: t.pop(W + ".weight_scale_2"))
     with pytest.raises(CheckpointError, match=rf"missing.*{W}\.weight_scale_2"):
         from_hf(d)
     d = _copy("fp8", tmp_path / "b")
-    _edit_tensors(d, lambda t: t.pop(W + ".weight_scale"))
+    edit_tensors(d, lambda t: t.pop(W + ".weight_scale"))
     with pytest.raises(CheckpointError, match=rf"missing.*{W}\.weight_scale"):
         from_hf(d)
 
@@ -221,7 +209,7 @@ def test_wrong_group_size_named(tmp_path):
 
     def halve(t):
         t[W + ".weight_scale"] = np.ascontiguousarray(t[W + ".weight_scale"][:, ::2])
-    _edit_tensors(d, halve)
+    edit_tensors(d, halve)
     with pytest.raises(CheckpointError, match=rf"{W}\.weight_scale.*group size 16.*means group size 32"):
         from_hf(d)
 
@@ -260,14 +248,14 @@ def test_codes_of_wrong_shape_named(tmp_path):
 
     def unpacked(t):  # one code per byte instead of two
         t[W + ".weight"] = mo.unpack_e2m1(t[W + ".weight"])
-    _edit_tensors(d, unpacked)
+    edit_tensors(d, unpacked)
     with pytest.raises(CheckpointError, match=rf"{W}\.weight.* has shape \[32, 64\].*\[32, 32\] uint8"):
         from_hf(d)
     d = _copy("nvfp4", tmp_path / "b")
 
     def wrong_dtype(t):
         t[W + ".weight"] = t[W + ".weight"].astype(np.int8)
-    _edit_tensors(d, wrong_dtype)
+    edit_tensors(d, wrong_dtype)
     with pytest.raises(CheckpointError, match=rf"{W}\.weight.*dtype I8"):
         from_hf(d)
 
@@ -275,9 +263,7 @@ def test_codes_of_wrong_shape_named(tmp_path):
 def test_scales_without_quant_config_named(tmp_path):
     d = _copy("nvfp4", tmp_path)
     (d / "hf_quant_config.json").unlink()
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.pop("quantization_config")
-    (d / "config.json").write_text(json.dumps(cfg))
+    edit_json(d, "config.json", lambda cfg: cfg.pop("quantization_config"))
     with pytest.raises(CheckpointError, match="weight_scale"):
         from_hf(d)
 
@@ -390,7 +376,7 @@ def test_packed_nan_block_scale_named(tmp_path):
         s = t[W + ".weight_scale"].view(np.uint8).copy()
         s[0, 0] = 0x7F
         t[W + ".weight_scale"] = s.view(mo.E4M3)
-    _edit_tensors(d, nan)
+    edit_tensors(d, nan)
     with pytest.raises(CheckpointError, match=rf"{W}\.weight_scale.*NaN"):
         from_hf(d, dequantize=False)
 
