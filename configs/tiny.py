@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = "ROMEO:\n"
-    c.sample.length = 200
+    c.sample.length = 200  # 0 skips the end-of-run sample
     c.sample.temperature = 0.8  # 0 is greedy
     c.sample.top_k = 40  # None or 0 keeps every token
     c.sample.top_p = 1.0

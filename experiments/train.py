@@ -61,7 +61,8 @@ def main(argv) -> None:
     print(f"\nvalidation loss {summary['val_loss']:.4f} nats/token, "
           f"{baseline_comparison(summary['val_loss'], summary['unigram_baseline'])} the unigram baseline "
           f"{summary['unigram_baseline']:.4f}")
-    print(f"sample ({_WORKDIR.value}/sample.txt):\n{'-' * 60}\n{summary['sample']}\n{'-' * 60}")
+    if summary["sample"] is not None:  # config.sample.length=0 skips it
+        print(f"sample ({_WORKDIR.value}/sample.txt):\n{'-' * 60}\n{summary['sample']}\n{'-' * 60}")
     print(f"loss plot: {_WORKDIR.value}/loss.png   metrics: {_WORKDIR.value}/metrics.csv")
     sys.stdout.flush()
 

@@ -154,13 +154,15 @@ def train(exp, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str
         val_loss = validate()
     if primary:
         plot_losses(log.rows, baseline, workdir / "loss.png", f"{exp.model.preset} ({cfg.precision})")
-    prompt = tokenizer.encode(exp.sample.prompt)
-    out = generate((graphdef, (state.params, state.rest)), [prompt], max_new_tokens=exp.sample.length,
-                   temperature=exp.sample.temperature, top_k=exp.sample.get("top_k"), top_p=exp.sample.get("top_p", 1.0),
-                   seed=exp.seed)
-    text = exp.sample.prompt + safe_decode(tokenizer, out.tokens[0])  # ids past the tokenizer's end show as U+FFFD
-    if primary:
-        (workdir / "sample.txt").write_text(text)
+    text = None
+    if exp.sample.length > 0:  # 0 skips the sample (and its prefill / decode compiles)
+        prompt = tokenizer.encode(exp.sample.prompt)
+        out = generate((graphdef, (state.params, state.rest)), [prompt], max_new_tokens=exp.sample.length,
+                       temperature=exp.sample.temperature, top_k=exp.sample.get("top_k"),
+                       top_p=exp.sample.get("top_p", 1.0), seed=exp.seed)
+        text = exp.sample.prompt + safe_decode(tokenizer, out.tokens[0])  # ids past the tokenizer's end: U+FFFD
+        if primary:
+            (workdir / "sample.txt").write_text(text)
     summary = {"steps": exp.steps, "val_loss": val_loss, "unigram_baseline": baseline, "first_train_loss": first_loss,
                "precision": cfg.precision, "sample": text}
     if primary:

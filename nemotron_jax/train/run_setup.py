@@ -66,6 +66,7 @@ def check_config(exp) -> None:
     need(exp.data.batch_size % jax.process_count() == 0, "data.batch_size",
          f"{exp.data.batch_size} does not split over {jax.process_count()} processes", "use a multiple of it")
     need(exp.eval_every >= 0 and exp.ckpt_every >= 0, "eval_every", "negative intervals", "use 0 to turn off")
+    need(exp.sample.length >= 0, "sample.length", f"got {exp.sample.length}", "use 0 to skip the end-of-run sample")
     need(exp.get("max_consecutive_skips", 10) >= 0, "max_consecutive_skips", f"got {exp.get('max_consecutive_skips')}",
          "use 0 to never stop on non-finite steps, or a positive count")
     model_config_from(exp)  # validates the model fields

@@ -41,7 +41,7 @@ def _train_args(workdir, steps=STEPS):
     return ["experiments/train.py", "--config", "configs/tiny.py", f"--workdir={workdir}", f"--config.steps={steps}",
             "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.mesh.data=8",
             "--config.model.overrides.dtype=float32", "--config.log_every=1", "--config.eval_every=0",
-            "--config.eval_batches=1", "--config.ckpt_every=10", "--config.sample.length=2",
+            "--config.eval_batches=1", "--config.ckpt_every=10", "--config.sample.length=0",
             "--config.optim.warmup_steps=2", "--no_progress"]
 
 
