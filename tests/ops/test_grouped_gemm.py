@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemotron_jax.ops.grouped_gemm import blocked_fits, blocked_ragged_dot
+from nemotron_jax.ops.grouped_gemm import blocked_fits, blocked_group_outer, blocked_ragged_dot
 
 
 def _loop(x, w, gs):
@@ -17,24 +17,28 @@ def _loop(x, w, gs):
     return y
 
 
-@pytest.mark.parametrize("sizes, block", [
-    ([5, 0, 17, 3, 40, 1], 8),   # empty group, groups not multiples of the block
-    ([32, 32], 32),              # exact tiles
-    ([3, 4, 0, 2], 16),          # rows past the groups (m = 12 > 9)
+@pytest.mark.parametrize("sizes, block, min_block", [
+    ([5, 0, 17, 3, 40, 1], 8, 2),     # empty group, groups not multiples of the block, binary-digit tiles
+    ([5, 0, 17, 3, 40, 1], 8, 8),     # tiles running past a group's end (masked)
+    ([32, 32], 32, 16),               # exact tiles
+    ([3, 4, 0, 2], 16, 16),           # rows past the groups (m = 12 > 9); tiles shifted back from m
+    ([0, 0, 9], 4, 4),                # leading empty groups, last group ends before m
+    ([0, 0, 0], 16, 16),              # no rows routed: all zeros
+    ([40, 1, 0, 29, 70], 32, 16),     # groups longer than a block
 ])
-def test_matches_loop_and_ragged_dot_forward_and_grads(sizes, block):
+def test_matches_loop_and_ragged_dot_forward_and_grads(sizes, block, min_block):
     m = max(sum(sizes), 12)
     gs = jnp.asarray(sizes, jnp.int32)
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (m, 24))
     w = jax.random.normal(kw, (len(sizes), 24, 20))
-    y = blocked_ragged_dot(x, w, gs, block=block)
+    y = blocked_ragged_dot(x, w, gs, block=block, min_block=min_block)
     # fp32 dots of 24 terms: measured max |err| 3.8e-6 on outputs up to ~20 (seeds 0-6), at most ~0.12 of the
     # allowance in every assertion here (8x margin or more): kept.
     np.testing.assert_allclose(y, _loop(x, w, gs), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y, jax.lax.ragged_dot(x, w, gs), rtol=1e-5, atol=1e-5)
     f = lambda fn: jax.grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), (0, 1))(x, w)  # noqa: E731
-    gb = f(lambda a, b: blocked_ragged_dot(a, b, gs, block=block))
+    gb = f(lambda a, b: blocked_ragged_dot(a, b, gs, block=block, min_block=min_block))
     gr = f(lambda a, b: jax.lax.ragged_dot(a, b, gs))
     for a, b in zip(gb, gr):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -53,6 +57,20 @@ def test_jit_and_bf16():
     np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2**-8, atol=1e-4)
 
 
+def test_group_outer_matches_per_group_sum():
+    sizes = [5, 0, 17, 3, 40, 1]
+    gs = jnp.asarray(sizes, jnp.int32)
+    x = jax.random.normal(jax.random.key(3), (70, 12))  # 4 rows past the groups: not in any dW
+    y = jax.random.normal(jax.random.key(4), (70, 10))
+    xs, ys = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    want = np.stack([xs[a:b].T @ ys[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    # fp32-accumulated sums of <= 40 products of N(0,1) pairs: same allowance as the GEMM test above
+    np.testing.assert_allclose(blocked_group_outer(x, y, gs, len(sizes), block=8, min_block=4), want,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_budget():
     assert blocked_fits(4096, 8, 64, 64, 4)
-    assert not blocked_fits(1 << 20, 128, 2688, 1856, 2)  # Nano-sized experts: use ragged_dot instead
+    assert blocked_fits(1 << 20, 128, 2688, 1856, 2)  # Nano-sized experts: no per-tile weight copy any more
+    assert not blocked_fits(1 << 20, 128, 2688, 1856, 2, budget_bytes=1 << 20)
