@@ -14,6 +14,8 @@ T = 1k..16k. Usage:
     python benchmarks/ssd.py                        # forward
     python benchmarks/ssd.py --mode fwdbwd          # forward + backward (grad of a sum)
     python benchmarks/ssd.py --json out.json        # also write the rows as JSON
+    python benchmarks/ssd.py --bench-shape --impls chunked --mode fwdbwd --segments
+        # the bench model's layer shape (b=4, T=512, h=16, p=64, g=2, n=64, chunk 128), with resets
 
 On a GPU the Pallas kernel is added automatically (``--impls`` to choose).
 """
@@ -42,9 +44,19 @@ def make_inputs(b, t, h, p, g, n, dtype, seed=0):
             jnp.asarray(normal(b, t, g, n), dtype))
 
 
-def build(impl, chunk, mode):
+BENCH_SHAPE = dict(b=4, t="512", h=16, p=64, g=2, n=64, chunk=128)   # the bench config's Mamba-2 layers
+
+
+def make_segments(b, t, seed=0):
+    """Four documents per row at random cut points (int32 [b, t])."""
+    rng = np.random.default_rng(seed)
+    cuts = [np.sort(rng.choice(np.arange(1, t), 3, replace=False)) for _ in range(b)]
+    return jnp.asarray(np.stack([np.searchsorted(c, np.arange(t), side="right") for c in cuts]), jnp.int32)
+
+
+def build(impl, chunk, mode, segment_ids=None):
     def fwd(x, dt, A, B, C):
-        return ssd(x, dt, A, B, C, chunk_size=chunk, impl=impl)
+        return ssd(x, dt, A, B, C, chunk_size=chunk, impl=impl, segment_ids=segment_ids)
 
     if mode == "fwd":
         return jax.jit(fwd)
@@ -79,20 +91,28 @@ def main(argv=None):
     ap.add_argument("--impls", default=None, help="default: reference,chunked (+pallas on GPU)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None, help="write the rows to this file")
+    ap.add_argument("--bench-shape", action="store_true",
+                    help=f"use the bench model's shape {BENCH_SHAPE} (overrides --b --t --h --p --g --n --chunk)")
+    ap.add_argument("--segments", action="store_true", help="packed documents: 4 per row (segment resets)")
     a = ap.parse_args(argv)
+    if a.bench_shape:
+        for k, v in BENCH_SHAPE.items():
+            setattr(a, k, v)
 
     on_gpu = platform.on_gpu()
     impls = a.impls.split(",") if a.impls else ["reference", "chunked"] + (["pallas"] if on_gpu else [])
     ts = [int(v) for v in a.t.split(",")]
     dtype = jnp.dtype(a.dtype)
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
-          f"b={a.b} h={a.h} p={a.p} n={a.n} g={a.g} chunk={a.chunk} dtype={a.dtype} mode={a.mode}")
+          f"b={a.b} h={a.h} p={a.p} n={a.n} g={a.g} chunk={a.chunk} dtype={a.dtype} mode={a.mode} "
+          f"segments={a.segments}")
 
     rows = []
     for t in ts:
         args = make_inputs(a.b, t, a.h, a.p, a.g, a.n, dtype)
+        seg = make_segments(a.b, t) if a.segments else None
         for impl in impls:
-            sec, temp, total = measure(build(impl, a.chunk, a.mode), args, a.repeats)
+            sec, temp, total = measure(build(impl, a.chunk, a.mode, seg), args, a.repeats)
             rows.append(dict(T=t, impl=impl, ms=sec * 1e3, temp_mib=temp / 2**20, total_mib=total / 2**20))
             print(f"  T={t:6d} {impl:9s} {sec * 1e3:9.2f} ms  temp {temp / 2**20:8.1f} MiB", flush=True)
 

@@ -17,8 +17,11 @@ Everything is computed in fp32; y is cast back to x's dtype.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 f32 = jnp.float32
 
@@ -67,12 +70,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, run_ids=Non
     """The four-step chunked SSD (spec section 2.6) in fp32. Returns (y, final_state).
 
     T is padded up to a multiple of ``chunk_size`` with dt = x = B = C = 0 (decay exp(0) = 1 and
-    a zero update, so the final state is unchanged) and y is sliced back.
+    a zero update, so the final state is unchanged) and y is sliced back. Differentiable through
+    a hand-written VJP (`_chunks`) that reuses the forward's inter-chunk states.
 
-    Segments use same-run masks, not -inf log-decays: every exponent is a finite sum of
-    log-decays (<= 0) or is masked to 0 *before* the exp, so neither the forward nor the
-    gradient can produce inf * 0 = NaN. Within-chunk decays are direct sums over the tokens
-    between s and l ("segsum"), so strong decays lose no precision to cancellation.
+    Segments use same-run masks; within-chunk decays are exact-prefix differences
+    (`_prefix_sums`), so strong decays lose no precision to cancellation.
     """
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -83,64 +85,244 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, run_ids=Non
     def padt(a):
         return jnp.pad(a.astype(f32), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
 
-    x_ = padt(x).reshape(b, nc, L, g, r, p)
-    dt_ = padt(dt).reshape(b, nc, L, g, r)
-    B_ = padt(B).reshape(b, nc, L, g, n)
-    C_ = padt(C).reshape(b, nc, L, g, n)
-    A_ = A.astype(f32).reshape(g, r)
-    if run_ids is None:
-        runs = jnp.zeros((b, nc, L), jnp.int32)
-    else:  # padded tokens continue the last run
+    runs = None
+    if run_ids is not None:   # padded tokens continue the last run
         runs = jnp.pad(run_ids.astype(jnp.int32), [(0, 0), (0, pad)], mode="edge").reshape(b, nc, L)
+    S0 = None   # the state inside is [b, g, n, r*p]: see the layouts below
+    if initial_state is not None:
+        S0 = jnp.moveaxis(initial_state.astype(f32).reshape(b, g, r * p, n), -1, 2)
+    y, S = _chunks(padt(x).reshape(b, nc, L, g, r, p), padt(dt).reshape(b, nc, L, g, r),
+                   A.astype(f32).reshape(g, r), padt(B).reshape(b, nc, L, g, n),
+                   padt(C).reshape(b, nc, L, g, n), S0, runs)
+    return y.reshape(b, nc * L, h, p)[:, :t].astype(x.dtype), jnp.moveaxis(S, 2, -1).reshape(b, h, p, n)
 
-    # Per-chunk log-decays, heads before time: [b, c, g, r, L].
-    dt_h = jnp.moveaxis(dt_, 2, -1)                            # [b, c, g, r, L]
-    dA = dt_h * A_[:, :, None]
-    Acum = jnp.cumsum(dA, axis=-1)                             # log-decay from chunk start through l
-    Alast = Acum[..., -1]                                      # whole-chunk log-decay [b, c, g, r]
-    # segsum[l, s] = sum_{s < k <= l} dA_k, summed directly (not Acum_l - Acum_s, which loses
-    # ~eps * |Acum| to cancellation when decays are strong); 0 above the diagonal.
-    strict = jnp.tril(jnp.ones((L, L), bool), -1)              # [k, s]: k > s
-    segsum = jnp.cumsum(jnp.where(strict, dA[..., :, None], 0.0), axis=-2)   # [b, c, g, r, l, s]
 
-    run_last = runs[:, :, -1]                                  # [b, c]
-    run_prev = jnp.pad(run_last[:, :-1], [(0, 0), (1, 0)])     # run at the previous chunk's end; 0 (= run at t=0) for c=0
+# Layouts inside `_chunks` (c = chunk, l/s = position in the chunk, head = (g, r), m = (r, p)):
+#   token-major  [b, c, L, g, r, p]   the caller's layout
+#   head-major   [b, c, g, r, L, p]   per-head L x L matmuls (intra-chunk)
+#   group-major  [b, c, g, L, m]      a group's heads folded into one matmul dim (states, C . S)
+#   states       [b, c, g, n, m]
+# Every einsum is a batched GEMM, batch dims leading, with the lhs contracting over its last dim:
+# XLA's CPU backend sends those to its fast GEMM library and transposed-lhs ones to a ~2x slower
+# path, so the backward works on the transposed intra-chunk matrices ([s, l]).
 
-    # (i) intra-chunk (diagonal blocks): y_l += sum_{s<=l, same run} (C_l.B_s) exp(segsum[l, s]) dt_s x_s
-    causal = jnp.tril(jnp.ones((L, L), bool))
-    mask = causal & (runs[:, :, :, None] == runs[:, :, None, :])      # [b, c, l, s]
-    mask = mask[:, :, None, None]                                      # [b, c, 1, 1, l, s]
-    decay = jnp.where(mask, jnp.exp(jnp.where(mask, segsum, 0.0)), 0.0)
-    CB = jnp.einsum("bclgn,bcsgn->bcgls", C_, B_)                       # [b, c, g, l, s]
-    W = CB[:, :, :, None] * decay * dt_h[..., None, :]                 # [b, c, g, r, l, s]
-    Y_diag = jnp.einsum("bcgrls,bcsgrp->bclgrp", W, x_)
+def _pow2(k):
+    """2.0 ** k for int32 k in the normal range, exactly (built from the exponent bits)."""
+    return jax.lax.bitcast_convert_type((k + 127) << 23, f32)
 
-    # (ii) chunk states: contributions of the chunk's tokens to the state at its last token,
-    # decayed by exp(segsum[L-1, s]) = exp(sum_{s < k < L} dA_k).
-    w_state = jnp.exp(segsum[..., -1, :]) * dt_h                       # [b, c, g, r, s]
-    w_state = w_state * (runs == run_last[..., None])[:, :, None, None, :]
-    xw = x_ * jnp.moveaxis(w_state, -1, 2)[..., None]                  # [b, c, s, g, r, p]
-    states = jnp.einsum("bcsgrp,bcsgn->bcgrpn", xw, B_)                # [b, c, g, r, p, n]
 
-    # (iii) inter-chunk scan (sequential over c: cost linear in T). The incoming state survives
-    # chunk c only if no run starts inside it, i.e. its last run equals the previous chunk's.
-    keep = (run_last == run_prev).astype(f32)                           # [b, c]
-    chunk_decay = jnp.exp(Alast) * keep[:, :, None, None]               # [b, c, g, r]
-    S0 = (jnp.zeros((b, h, p, n), f32) if initial_state is None
-          else initial_state.astype(f32)).reshape(b, g, r, p, n)
+def _triangle(L, op):
+    """[L, L] bool, entry [i, j] = i op j. A numpy constant: masks made from iota inside the
+    [.., L, L] loops stop XLA's CPU backend from vectorising them (~6x slower exp pass)."""
+    i = np.arange(L)
+    return {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}[op](i[:, None], i[None, :])
 
-    def carry(S, inp):
-        decay_c, state_c = inp
-        return decay_c[..., None, None] * S + state_c, S
 
-    S_final, S_prev = jax.lax.scan(
-        carry, S0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(states, 1, 0)))
-    S_prev = jnp.moveaxis(S_prev, 0, 1)                                 # [b, c, g, r, p, n]: state entering chunk c
+def _tri_matmul(a, kind):
+    """Cumulative sums along the last axis as one matmul with a 0/1 matrix (jnp.cumsum lowers to
+    a log-depth scan of many small ops on CPU). kind: "incl" (sum over k <= l), "excl" (k < l),
+    "rev" (k >= l)."""
+    tri = _triangle(a.shape[-1], {"incl": "<=", "excl": "<", "rev": ">="}[kind])
+    return jnp.matmul(a, tri.astype(np.float32), precision=jax.lax.Precision.HIGHEST)
 
-    # (iv) state -> output: y_l += exp(Acum_l) C_l . S_prev, where position l is still in the
-    # run that was current at the previous chunk's end.
-    off = jnp.exp(Acum) * (runs == run_prev[..., None])[:, :, None, None, :]   # [b, c, g, r, l]
-    Y_off = jnp.einsum("bclgn,bcgrpn->bclgrp", C_, S_prev) * jnp.moveaxis(off, -1, 2)[..., None]
 
-    y = (Y_diag + Y_off).reshape(b, nc * L, h, p)[:, :t]
-    return y.astype(x.dtype), S_final.reshape(b, h, p, n)
+def _prefix_sums(a):
+    """Inclusive prefix sums of a [..., L] as hi + lo, with hi exact.
+
+    a = hi_part + lo_part where hi_part is a rounded to a power-of-two grid ``step`` per row
+    with at most 2**bits steps, so every partial sum of hi_part is a multiple of step below
+    2**23 steps: the matmul sums it exactly in fp32. Then hi_l - hi_s is exact and segment sums
+    (hi_l - hi_s) + (lo_l - lo_s) lose no precision to cancellation however large |prefix|
+    gets (strong decays): the error is ~eps * |segment sum|.
+    """
+    bits = 23 - max(a.shape[-1] - 1, 1).bit_length()
+    m = jnp.max(jnp.abs(a), axis=-1, keepdims=True)
+    e = jnp.clip(((jax.lax.bitcast_convert_type(m, jnp.int32) >> 23) & 255) - 126, -100, 100)  # m < 2**e
+    hi_part = jnp.round(a * _pow2(bits - e)) * _pow2(e - bits)
+    return _tri_matmul(hi_part, "incl"), _tri_matmul(a - hi_part, "incl")
+
+
+class _Chunk(NamedTuple):
+    """Per-chunk decays and masks shared by the forward and the backward ([b, c, g, r, L] unless noted)."""
+    dt: jax.Array      # dt, head-major
+    hi: jax.Array      # prefix sums of dA = dt * A within the chunk, hi + lo (`_prefix_sums`)
+    lo: jax.Array
+    E: jax.Array       # exp(sum_{k > s} dA_k) where s is in the chunk's last run, else 0 (token -> chunk state)
+    F: jax.Array       # exp(sum_{k <= l} dA_k) where l is in the previous chunk's last run, else 0 (state -> token)
+    kd: jax.Array      # [b, c, g, r] decay of the incoming state across the chunk (0 if a run starts in it)
+    same: jax.Array | None   # [b, c, 1, 1, L, L] same run (None: no run ids)
+
+
+def _chunk_decays(dt, A, runs) -> _Chunk:
+    dth = jnp.moveaxis(dt, 2, -1)                                  # [b, c, g, r, L]
+    hi, lo = _prefix_sums(dth * A[:, :, None])
+    if runs is None:
+        m_last = m_prev = keep = True
+        same = None
+    else:
+        run_last = runs[:, :, -1]
+        run_prev = jnp.pad(run_last[:, :-1], [(0, 0), (1, 0)])     # 0 (= run at t=0) for c=0
+        m_last = (runs == run_last[..., None])[:, :, None, None]
+        m_prev = (runs == run_prev[..., None])[:, :, None, None]
+        keep = (run_last == run_prev)[:, :, None, None]
+        same = (runs[:, :, :, None] == runs[:, :, None, :])[:, :, None, None]
+    E = jnp.where(m_last, jnp.exp((hi[..., -1:] - hi) + (lo[..., -1:] - lo)), 0.0)
+    F = jnp.where(m_prev, jnp.exp(hi + lo), 0.0)
+    kd = jnp.where(keep, jnp.exp(hi[..., -1] + lo[..., -1]), 0.0)
+    return _Chunk(dth, hi, lo, E, F, kd, same)
+
+
+def _decay_matrix(k: _Chunk, transpose: bool):
+    """exp(sum_{s < k <= l} dA_k) on pairs s < l in one run, else 0: [b, c, g, r, l, s], or [.., s, l]
+    with ``transpose``. Strictly causal: the diagonal (decay 1) is handled per token, which keeps
+    the backward's log-decay sums free of cancellation against it. Masked before the exp, so no
+    inf above the diagonal."""
+    L = k.hi.shape[-1]
+    if transpose:   # rows s, columns l
+        mask, sign = _triangle(L, "<"), -1.0
+    else:
+        mask, sign = _triangle(L, ">"), 1.0
+    if k.same is not None:
+        mask = mask & k.same
+    seg = sign * ((k.hi[..., :, None] - k.hi[..., None, :]) + (k.lo[..., :, None] - k.lo[..., None, :]))
+    return jnp.exp(jnp.where(mask, seg, -jnp.inf))   # exp(-inf) = 0; never differentiated (custom VJP)
+
+
+def _state_scan(kd, states, S0):
+    """S_c = kd_c * S_{c-1} + states_c over chunks (sequential, linear in T). Returns (final,
+    entering [b, c, ...]). Unrolled for few chunks: `lax.scan`'s stacked output costs a zero-fill and
+    copies of the whole [b, c, ...] buffer, a tenth of the forward at T=512."""
+    if kd.shape[1] > _UNROLL_CHUNKS:
+        def step(S, inp):
+            kd_c, st_c = inp
+            return kd_c * S + st_c, S
+        S, entering = jax.lax.scan(step, S0, (jnp.moveaxis(kd, 1, 0), jnp.moveaxis(states, 1, 0)))
+        return S, jnp.moveaxis(entering, 0, 1)
+    S, entering = S0, []
+    for c in range(kd.shape[1]):
+        entering.append(S)
+        S = kd[:, c] * S + states[:, c]
+    return S, jnp.stack(entering, axis=1)
+
+
+_UNROLL_CHUNKS = 16
+
+
+def _kd_states(kd, p):
+    """kd [b, c, g, r] broadcast against states [b, c, g, n, r*p]."""
+    return jnp.repeat(kd, p, axis=-1)[:, :, :, None, :]
+
+
+@jax.custom_vjp
+def _chunks(x, dt, A, B, C, S0, runs):
+    """Chunked SSD on padded fp32 chunks: x [b,c,L,g,r,p], dt [b,c,L,g,r], A [g,r], B/C [b,c,L,g,n],
+    S0 [b,g,n,r*p] or None, runs [b,c,L] int32 or None. Returns (y [b,c,L,g,r,p], final [b,g,n,r*p])."""
+    return _chunks_fwd(x, dt, A, B, C, S0, runs)[0]
+
+
+def _chunks_fwd(x, dt, A, B, C, S0, runs):
+    b, nc, L, g, r, p = x.shape
+    n = B.shape[-1]
+    k = _chunk_decays(dt, A, runs)
+    Bg, Cg = jnp.moveaxis(B, 3, 2), jnp.moveaxis(C, 3, 2)              # [b, c, g, L, n]
+    xdt = x * dt[..., None]                                             # dt_s x_s: every use has both
+    xh = jnp.moveaxis(xdt, 2, 4)                                        # [b, c, g, r, L, p]
+    xg = jnp.moveaxis(xdt, 2, 3)                                        # [b, c, g, L, r, p]
+
+    # (i) intra-chunk: y_l += sum_{s<=l, same run} (C_l.B_s) exp(sum_{s<k<=l} dA_k) dt_s x_s;
+    # s < l as a matmul, s = l (decay 1) per token
+    CB = jnp.einsum("bcgln,bcgsn->bcgls", Cg, Bg)
+    W = CB[:, :, :, None] * _decay_matrix(k, False)                     # [b, c, g, r, l, s]
+    y_strict = jnp.einsum("bcgrls,bcgrsp->bcgrlp", W, xh)
+    CBd = jnp.sum(Cg * Bg, axis=-1)[:, :, :, None, :, None]             # [b, c, g, 1, L, 1] C_l . B_l
+    y_diag = y_strict + CBd * xh
+
+    # (ii) chunk states: sum_s E_s dt_s B_s x_s^T, the group's heads in one matmul
+    xw = (xg * jnp.moveaxis(k.E, -1, 3)[..., None]).reshape(b, nc, g, L, r * p)
+    states = jnp.einsum("bcgns,bcgsm->bcgnm", jnp.swapaxes(Bg, -1, -2), xw)
+
+    # (iii) inter-chunk scan: S_prev[:, c] is the state entering chunk c
+    S0_ = jnp.zeros((b, g, n, r * p), f32) if S0 is None else S0
+    S_final, S_prev = _state_scan(_kd_states(k.kd, p), states, S0_)    # S_prev [b, c, g, n, m]
+
+    # (iv) state -> output: y_l += F_l C_l . S_prev
+    Q = jnp.einsum("bcgln,bcgnm->bcglm", Cg, S_prev).reshape(b, nc, g, L, r, p)
+    y_off = Q * jnp.moveaxis(k.F, -1, 3)[..., None]
+
+    y = jnp.moveaxis(y_diag, 4, 2) + jnp.moveaxis(y_off, 3, 2)           # [b, c, L, g, r, p]
+    return (y, S_final), (x, dt, A, B, C, S0, runs, S_prev, Q, y_strict)
+
+
+def _chunks_bwd(res, cts):
+    x, dt, A, B, C, S0, runs, S_prev, Q, y_strict = res
+    dy, dS_final = cts
+    b, nc, L, g, r, p = x.shape
+    n = B.shape[-1]
+    k = _chunk_decays(dt, A, runs)
+    Bg, Cg = jnp.moveaxis(B, 3, 2), jnp.moveaxis(C, 3, 2)
+    BgT, CgT = jnp.swapaxes(Bg, -1, -2), jnp.swapaxes(Cg, -1, -2)      # [b, c, g, n, L]
+    xdt = x * dt[..., None]
+    xh = jnp.moveaxis(xdt, 2, 4)
+    xg = jnp.moveaxis(xdt, 2, 3)
+    dyh = jnp.moveaxis(dy, 2, 4)                                         # [b, c, g, r, L, p]
+    dyg = jnp.moveaxis(dy, 2, 3)                                         # [b, c, g, L, r, p]
+
+    # (i) intra-chunk, on [s, l] matrices. G = dW * W (s < l) is d/d(log-decay sum over s < k <= l);
+    # its row and column sums come from the matmuls' outputs: sum_l G[s, l] = xdt_s . (W^T dy)_s
+    # and sum_s G[s, l] = dy_l . y_strict_l.
+    CBt = jnp.einsum("bcgsn,bcgln->bcgsl", Bg, Cg)
+    Dt = _decay_matrix(k, True)
+    dx_strict = jnp.einsum("bcgrsl,bcgrlp->bcgrsp", CBt[:, :, :, None] * Dt, dyh)
+    dcum = jnp.sum(dyh * y_strict, axis=-1) - jnp.sum(xh * dx_strict, axis=-1)   # d/d prefix_j: + as l, - as s
+    dWt = jnp.einsum("bcgrsp,bcgrlp->bcgrsl", xh, dyh)
+    dCBt = jnp.sum(dWt * Dt, axis=3)                                     # [b, c, g, s, l]
+    dBg = jnp.einsum("bcgsl,bcgln->bcgsn", dCBt, Cg)
+    dCg = jnp.swapaxes(jnp.einsum("bcgns,bcgsl->bcgnl", BgT, dCBt), -1, -2)
+    CBd = jnp.sum(Cg * Bg, axis=-1)                                      # the diagonal s = l
+    dCBd = jnp.sum(dyh * xh, axis=(3, 5))                                # [b, c, g, L]
+    dBg = dBg + dCBd[..., None] * Cg
+    dCg = dCg + dCBd[..., None] * Bg
+    dx_diag = dx_strict + CBd[:, :, :, None, :, None] * dyh
+
+    # (iv) state -> output
+    dcum = dcum + jnp.moveaxis(jnp.sum(dyg * Q, axis=-1), 3, -1) * k.F
+    dQ = (dyg * jnp.moveaxis(k.F, -1, 3)[..., None]).reshape(b, nc, g, L, r * p)
+    dCg = dCg + jnp.einsum("bcglm,bcgnm->bcgln", dQ, S_prev)
+    dS_prev = jnp.einsum("bcgnl,bcglm->bcgnm", CgT, dQ)
+
+    # (iii) inter-chunk scan, reversed: the state after chunk c gets dS_prev[c+1] and kd[c+1] * its grad
+    kdm = _kd_states(k.kd, p)
+    gS = dS_final
+    if nc > _UNROLL_CHUNKS:
+        def step(gS, inp):
+            kd_c, dSp_c = inp
+            return dSp_c + kd_c * gS, gS
+        dS0, dstates = jax.lax.scan(step, gS, (jnp.moveaxis(kdm, 1, 0), jnp.moveaxis(dS_prev, 1, 0)), reverse=True)
+        dstates = jnp.moveaxis(dstates, 0, 1)                            # [b, c, g, n, m]
+    else:
+        dstates = [None] * nc
+        for c in reversed(range(nc)):
+            dstates[c] = gS
+            gS = dS_prev[:, c] + kdm[:, c] * gS
+        dS0, dstates = gS, jnp.stack(dstates, axis=1)
+    dkd = jnp.sum((dstates * S_prev).reshape(b, nc, g, n, r, p), axis=(3, 5))
+    dlast = dkd * k.kd                                                   # d/d whole-chunk log-decay
+
+    # (ii) chunk states
+    Eg = jnp.moveaxis(k.E, -1, 3)[..., None]                             # [b, c, g, L, r, 1]
+    xw = (xg * Eg).reshape(b, nc, g, L, r * p)
+    U = jnp.einsum("bcgsn,bcgnm->bcgsm", Bg, dstates).reshape(b, nc, g, L, r, p)
+    dE = jnp.moveaxis(jnp.sum(U * xg, axis=-1), 3, -1)                   # [b, c, g, r, L]
+    dBg = dBg + jnp.einsum("bcgsm,bcgnm->bcgsn", xw, dstates)
+
+    # log-decays dA_k = dt_k A: prefix_j (j >= k), suffix_s (s < k) and the whole chunk contain dA_k
+    da = _tri_matmul(dcum, "rev") + _tri_matmul(dE * k.E, "excl") + dlast[..., None]
+    dA = jnp.sum(da * k.dt, axis=(0, 1, 4))
+
+    dxdt = jnp.moveaxis(dx_diag, 4, 2) + jnp.moveaxis(U * Eg, 3, 2)     # [b, c, L, g, r, p]
+    ddt = jnp.sum(dxdt * x, axis=-1) + jnp.moveaxis(da * A[:, :, None], -1, 2)
+    return (dxdt * dt[..., None], ddt, dA, jnp.moveaxis(dBg, 2, 3), jnp.moveaxis(dCg, 2, 3),
+            None if S0 is None else dS0, None)
+
+
+_chunks.defvjp(_chunks_fwd, _chunks_bwd)

@@ -105,12 +105,74 @@ def packed_segments():
     return jnp.array([[0] * 10 + [1] * 20 + [0] * 7, [5] * 3 + [6] * 34], jnp.int32)
 
 
-@pytest.mark.parametrize("chunk_size,with_segments", [(5, False), (16, False), (16, True)])
+@pytest.mark.parametrize("chunk_size,with_segments", [(5, False), (16, False), (16, True),
+                                                      (2, True)])   # 19 chunks: the lax.scan path
 def test_chunked_gradients_match_reference(chunk_size, with_segments):
     inputs, seg, g_ref = _reference_grads(with_segments)
     g = grads("chunked", chunk_size, inputs, seg)
     for name, a, ref in zip(GRAD_NAMES, g, g_ref):
         assert_close(a, ref, GTOL, f"d loss / d {name}")
+
+
+def test_chunked_gradient_through_final_state_alone():
+    """Only the final state is used (prefill hands it on): the backward gets a zero y cotangent."""
+    inputs = make_inputs()
+    seg = packed_segments()
+    w = np.random.default_rng(5).standard_normal(inputs[5].shape).astype(np.float32)
+
+    def loss(impl, chunk_size):
+        def f(*a):
+            _, S = ssd(*a[:5], chunk_size=chunk_size, initial_state=a[5], return_final_state=True,
+                       segment_ids=seg, impl=impl)
+            return jnp.sum(S * w)
+        return jax.jit(jax.grad(f, argnums=tuple(range(6))))(*inputs)
+
+    for name, a, ref in zip(GRAD_NAMES, loss("chunked", 16), loss("reference", 1)):
+        assert_close(a, ref, GTOL, f"d final-state loss / d {name}")
+
+
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_chunked_strong_decay_long_chunks_precise(with_segments):
+    """A ~ -16 and dt up to 1 over 128-token chunks: within-chunk log-decay prefixes reach ~-2000,
+    where exp(prefix_l - prefix_s) in plain fp32 would be off by ~eps * 2000 relative. The chunked
+    op's exact prefix sums keep values and gradients within the usual tolerances of the oracle."""
+    x, dt, A, B, C, S0 = make_inputs(seed=11, b=1, t=200, h=4, p=8, g=2, n=8, a_scale=16.0)
+    dt = jnp.minimum(dt, 1.0)
+    seg = jnp.asarray(np.repeat([0, 1, 2], [90, 70, 40])[None]) if with_segments else None
+    inputs = (x, dt, A, B, C, S0)
+    y, S = jax.jit(lambda *a: ssd(*a[:5], chunk_size=128, initial_state=a[5], return_final_state=True,
+                                  segment_ids=seg, impl="chunked"))(*inputs)
+    y_ref, S_ref = jax.jit(lambda *a: ssd(*a[:5], chunk_size=1, initial_state=a[5], return_final_state=True,
+                                          segment_ids=seg, impl="reference"))(*inputs)
+    assert_close(y, y_ref, TOL, "y")
+    assert_close(S, S_ref, TOL, "final state")
+    for name, a, ref in zip(GRAD_NAMES, grads("chunked", 128, inputs, seg), grads("reference", 1, inputs, seg)):
+        assert_close(a, ref, GTOL, f"d loss / d {name}")
+
+
+def test_exact_prefix_sums_keep_segment_sums_precise():
+    """`_prefix_sums`: the hi part's segment sums are exact, so a segment sum of strongly negative
+    log-decays is off by at most ~eps * max(|segment sum|, 1) however large the prefix (the decay
+    exp(sum) then has relative error ~eps * |sum|, tiny wherever exp(sum) is not). Plain fp32
+    prefix differences miss that bound by orders of magnitude (~eps * |prefix|)."""
+    from nemotron_jax.ops.ssd_chunked import _prefix_sums
+    rng = np.random.default_rng(0)
+    a = -(16.0 * rng.uniform(0.0, 1.0, (3, 128)) ** 2).astype(np.float32)
+    a[1, :60] *= 1e-4                                         # weak then strong decays in one row
+    hi, lo = (np.asarray(v, np.float64) for v in jax.jit(_prefix_sums)(jnp.asarray(a)))
+    exact = np.cumsum(a.astype(np.float64), axis=-1)
+    lower = np.tril(np.ones((128, 128), bool), -1)
+
+    def worst(prefix_hi, prefix_lo=0.0):
+        seg = (prefix_hi[:, :, None] - prefix_hi[:, None, :]) + (prefix_lo[:, :, None] - prefix_lo[:, None, :]
+                                                               if np.ndim(prefix_lo) else 0.0)
+        seg_exact = exact[:, :, None] - exact[:, None, :]
+        return (np.abs(seg - seg_exact) / np.maximum(np.abs(seg_exact), 1.0))[:, lower].max()
+
+    assert worst(hi, lo) < 2 ** -23
+    assert worst(np.asarray(jnp.cumsum(jnp.asarray(a), axis=-1), np.float64)) > 2 ** -18   # the naive form
+    hi32 = np.asarray(jax.jit(_prefix_sums)(jnp.asarray(a))[0])
+    assert np.array_equal(hi32[:, :, None] - hi32[:, None, :], hi[:, :, None] - hi[:, None, :])   # exact in fp32
 
 
 def test_packed_documents_reference():
