@@ -48,30 +48,38 @@ def _interpret(impl: str) -> bool:
 
 def qdq_unscaled(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax.Array | None = None,
                  bits: jax.Array | None = None, hadamard: bool = False, amax: jax.Array | None = None,
-                 impl: str = "auto", dtype=jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+                 impl: str = "auto", dtype=jnp.bfloat16, axis: int = -1) -> tuple[jax.Array, jax.Array]:
     """(codes * s_b in ``dtype``, S_dec): the GEMM operand as the tensor core sees it. codes * s_b is exact in
-    bf16, so a bf16 GEMM with fp32 accumulation times S_dec,A * S_dec,B reproduces NVFP4 GEMM numerics."""
+    bf16, so a bf16 GEMM with fp32 accumulation times S_dec,A * S_dec,B reproduces NVFP4 GEMM numerics.
+    axis=0 (2-D x): blocks along rows, = qdq_unscaled(x.T).T (see ``nvfp4.qdq_unscaled``)."""
     block = tuple(block)
-    impl = _resolve(impl, x, block)
+    impl = _resolve(impl, jax.ShapeDtypeStruct(x.shape[::-1], x.dtype) if axis == 0 else x, block)
     if impl == "reference":
-        q = nvfp4.quantize(x, block=block, rounding=rounding, key=key, bits=bits, hadamard=hadamard, amax=amax)
-        return nvfp4.dequantize(q, dtype, apply_tensor_scale=False), q.tensor_scale
-    bits, s_enc, s_dec = _kernel_inputs(x, rounding, key, bits, hadamard, amax)
+        return nvfp4.qdq_unscaled(x, block=block, rounding=rounding, key=key, bits=bits, hadamard=hadamard,
+                                  amax=amax, axis=axis, dtype=dtype)
+    if axis == 0:  # the kernel blocks along the last axis
+        y, s_dec = qdq_unscaled(x.T, block=block, rounding=rounding, key=key, bits=None if bits is None else bits.T,
+                                hadamard=hadamard, amax=amax, impl=impl, dtype=dtype)
+        return y.T, s_dec
+    bits, seed, s_enc, s_dec = _kernel_inputs(x, rounding, key, bits, hadamard, amax)
     y, _ = nvfp4_kernel.qdq_kernel(x, jnp.stack([s_enc, s_dec]), block=block, rounding=rounding, bits=bits,
-                                   hadamard=hadamard, out_dtype=dtype, apply_tensor_scale=False,
+                                   seed=seed, hadamard=hadamard, out_dtype=dtype, apply_tensor_scale=False,
                                    interpret=_interpret(impl))
     return y, s_dec
 
 
 def _kernel_inputs(x, rounding, key, bits, hadamard, amax):
+    """(bits, seed, S_enc, S_dec): with a key, the kernel hashes the bits itself from ``nvfp4.key_seed(key)``
+    (the same bits as ``nvfp4.random_bits(key, x.shape)``, none written to memory)."""
+    seed = None
     if rounding == "stochastic" and bits is None:
         if key is None:
             raise ValueError("rounding='stochastic' needs key= or bits=")
-        bits = nvfp4.random_bits(key, x.shape)
+        seed = nvfp4.key_seed(key)
     if amax is None:
         amax = jnp.max(jnp.abs(nvfp4.rht(x) if hadamard else x.astype(jnp.float32)))
     s_enc, s_dec = nvfp4.tensor_scales(amax)
-    return bits, s_enc, s_dec
+    return bits, seed, s_enc, s_dec
 
 
 def qdq(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax.Array | None = None,
@@ -81,14 +89,14 @@ def qdq(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax.Arra
 
     impl: "reference" (jnp), "pallas" (the fused kernel; interpreted when not on GPU),
     "pallas_interpret" (force interpret mode), or "auto": the kernel on GPU when ``supports`` says so, the
-    reference elsewhere. All give identical values for the same inputs (and the same bits, which both draw
-    from ``key`` with ``nvfp4.random_bits``).
+    reference elsewhere. All give identical values for the same inputs (and the same bits: ``nvfp4.random_bits``
+    of ``key``, which the kernel hashes in-kernel from ``nvfp4.key_seed(key)``).
     """
     block = tuple(block)
     impl = _resolve(impl, x, block)
     if impl == "reference":
         return nvfp4.qdq(x, block=block, rounding=rounding, key=key, bits=bits, hadamard=hadamard, amax=amax)
-    bits, s_enc, s_dec = _kernel_inputs(x, rounding, key, bits, hadamard, amax)
+    bits, seed, s_enc, s_dec = _kernel_inputs(x, rounding, key, bits, hadamard, amax)
     y, _ = nvfp4_kernel.qdq_kernel(x, jnp.stack([s_enc, s_dec]), block=block, rounding=rounding, bits=bits,
-                                   hadamard=hadamard, interpret=_interpret(impl))
+                                   seed=seed, hadamard=hadamard, interpret=_interpret(impl))
     return y

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nemotron_jax.quant.nvfp4 import e4m3_rne
+from nemotron_jax.quant.nvfp4 import e4m3_rne, round_nearest_even_fp
 
 MX_BLOCK = 32
 E4M3_MAX = 448.0
@@ -37,8 +37,8 @@ def _pow2(e: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(((e + 127).astype(jnp.uint32) << 23), jnp.float32)
 
 
-def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """-> (codes float8_e4m3fn of x's shape, scale exponents int32 [..., K/32])."""
+def _scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x / scale_b clipped to +-448, as fp32 blocks [..., K/32, 32]; scale exponents int32 [..., K/32])."""
     _check(x.shape)
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // MX_BLOCK, MX_BLOCK)
     amax = jnp.max(jnp.abs(xb), axis=-1)
@@ -47,8 +47,21 @@ def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     e = jnp.where(jnp.isinf(amax), SCALE_EXP_MAX, e)
     e = jnp.clip(e, SCALE_EXP_MIN, SCALE_EXP_MAX).astype(jnp.int32)
     y = xb * _pow2(-e)[..., None]  # e >= -126 means -e <= 126: in range
-    codes = e4m3_rne(jnp.clip(y, -E4M3_MAX, E4M3_MAX))
-    return codes.reshape(x.shape), e
+    return jnp.clip(y, -E4M3_MAX, E4M3_MAX), e
+
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (codes float8_e4m3fn of x's shape, scale exponents int32 [..., K/32])."""
+    y, e = _scaled(x)
+    return e4m3_rne(y).reshape(x.shape), e
+
+
+def qdq_values(x: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+    """dequantize(*quantize(x), dtype) bit for bit, without the float8 round trip (a slow convert on CPU): the
+    E4M3 value is held in fp32 (exact) and multiplied by the same power of two. Exact in bf16."""
+    y, e = _scaled(x)
+    v = round_nearest_even_fp(y, 3, -6) * _pow2(e)[..., None]
+    return v.reshape(x.shape).astype(dtype)
 
 
 def dequantize(codes: jax.Array, exps: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -31,7 +31,8 @@ fp32 subnormals are flushed to zero by XLA on CPU and GPU, so inputs below ~1.2e
 
 Stochastic rounding: for |y| = |x * e_b| in [0, 6] let ``step`` be the E2M1 spacing at |y| (0.5 below 2,
 1 below 4, 2 above), ``lo = floor(|y| / step) * step``; round up to ``lo + step`` iff
-``u * step < |y| - lo`` with ``u = (bits >> 8) * 2**-24``, one uint32 of random bits per element. Every
+``u * step < |y| - lo`` with ``u = (bits >> 8) * 2**-24``, one uint32 of random bits per element (from a key:
+a counter-based hash of (seed, row-major element index), ``random_bits``; the Pallas kernel hashes the same). Every
 quantity in that comparison is exact in fp32, so P(up) = (|y| - lo) / step up to the 2**-24 grid of u: the
 result is one of the two neighbouring grid values and unbiased. The sign is copied back afterwards.
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -201,10 +203,15 @@ def block_scale_multiplier(s_enc: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.asarray(s_enc, jnp.float32) * jnp.float32(INV_E2M1_MAX))
 
 
+def _block_scale_value(amax_b: jax.Array, s_enc: jax.Array) -> jax.Array:
+    """s_b = e4m3_RNE(min(amax_b * (S_enc * fp32(1/6)), 448)) as an fp32 value (TE's order)."""
+    s = jnp.minimum(amax_b * block_scale_multiplier(s_enc), jnp.float32(E4M3_MAX))
+    return round_nearest_even_fp(s, 3, -6)
+
+
 def block_scale_from_amax(amax_b: jax.Array, s_enc: jax.Array) -> jax.Array:
     """s_b = e4m3_RNE(min(amax_b * (S_enc * fp32(1/6)), 448)), returned as float8_e4m3fn (TE's order)."""
-    s = jnp.minimum(amax_b * block_scale_multiplier(s_enc), jnp.float32(E4M3_MAX))
-    return e4m3_rne(s)
+    return _block_scale_value(amax_b, s_enc).astype(jnp.float8_e4m3fn)
 
 
 def encode_scale(s_b: jax.Array, s_dec: jax.Array) -> jax.Array:
@@ -212,10 +219,35 @@ def encode_scale(s_b: jax.Array, s_dec: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.float32(1.0) / (s_b.astype(jnp.float32) * s_dec), jnp.float32(FLT_MAX))
 
 
+def _e2m1_step(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(spacing, 1 / spacing) of the E2M1 grid at |y| = a in [0, 6]: powers of two picked by compares (cheaper
+    than reading the exponent bits, and a multiply instead of a divide)."""
+    small, mid = a < 2.0, a < 4.0
+    step = jnp.where(small, jnp.float32(0.5), jnp.where(mid, jnp.float32(1.0), jnp.float32(2.0)))
+    inv = jnp.where(small, jnp.float32(2.0), jnp.where(mid, jnp.float32(1.0), jnp.float32(0.5)))
+    return step, inv
+
+
+def _e2m1_nearest_value(y: jax.Array) -> jax.Array:
+    """E2M1 value (fp32) nearest-even to y in [-6, 6]; y * inv and * step are exact, round is half-to-even,
+    and the sign (signed zeros included) is y's: the same values as round_nearest_even_fp(y, 1, 0)."""
+    step, inv = _e2m1_step(jnp.abs(y))
+    return jnp.round(y * inv) * step
+
+
+def _e2m1_stochastic_value(y: jax.Array, bits: jax.Array) -> jax.Array:
+    a = jnp.abs(y)
+    step, inv = _e2m1_step(a)
+    lo = jnp.floor(a * inv) * step  # exact: step and inv are powers of two
+    up = uniform_from_bits(bits) * step < (a - lo)
+    mag = jnp.minimum(jnp.where(up, lo + step, lo), jnp.float32(E2M1_MAX))
+    return jnp.where(jnp.signbit(y), -mag, mag)
+
+
 def round_e2m1_nearest(y: jax.Array) -> jax.Array:
     """Round fp32 values in [-6, 6] to E2M1, nearest-even (what a correct float4_e2m1fn cast does; signed
     zeros kept: ``quantize`` decides the sign of zeros beforehand with ``te_signed``)."""
-    return round_nearest_even_fp(y, 1, 0).astype(jnp.float4_e2m1fn)
+    return _e2m1_nearest_value(y).astype(jnp.float4_e2m1fn)
 
 
 def te_signed(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -235,12 +267,7 @@ def uniform_from_bits(bits: jax.Array) -> jax.Array:
 def round_e2m1_stochastic(y: jax.Array, bits: jax.Array) -> jax.Array:
     """Stochastically round fp32 values in [-6, 6] to one of their two neighbouring E2M1 values (the sign,
     signed zeros included, is y's)."""
-    a = jnp.abs(y)
-    step = jnp.where(a < 2.0, jnp.float32(0.5), jnp.where(a < 4.0, jnp.float32(1.0), jnp.float32(2.0)))
-    lo = jnp.floor(a / step) * step  # exact: step is a power of two
-    up = uniform_from_bits(bits) * step < (a - lo)
-    mag = jnp.minimum(jnp.where(up, lo + step, lo), jnp.float32(E2M1_MAX))
-    return jnp.where(jnp.signbit(y), -mag, mag).astype(jnp.float4_e2m1fn)
+    return _e2m1_stochastic_value(y, bits).astype(jnp.float4_e2m1fn)
 
 
 def blocked(x: jax.Array, block) -> jax.Array:
@@ -265,9 +292,33 @@ def _expand_scales(s: jax.Array, block) -> jax.Array:
     return s[..., None] if block == (1, 16) else s[..., :, None, :, None]
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+    """lowbias32 finaliser: a bijection on uint32 with good avalanche."""
+    h = h ^ (h >> jnp.uint32(16))
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> jnp.uint32(15))
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> jnp.uint32(16))
+
+
+def key_seed(key: jax.Array) -> jax.Array:
+    """The uint32 seed of the stochastic-rounding bits drawn from ``key`` (typed or raw uint32 key)."""
+    return jax.random.bits(key, (), jnp.uint32)
+
+
+def hash_bits(seed: jax.Array, index: jax.Array) -> jax.Array:
+    """uint32 bits for uint32 element indices: mix(mix(index) + mix(seed ^ golden)), the counter-based hash the
+    Pallas kernel also computes in-kernel (about 15 integer ops per element where threefry costs ~10x that,
+    more than the whole quantization on CPU). Not cryptographic; it decorrelates rounding decisions."""
+    return _mix32(_mix32(index) + _mix32(jnp.asarray(seed, jnp.uint32) ^ jnp.uint32(0x9E3779B9)))
+
+
 def random_bits(key: jax.Array, shape) -> jax.Array:
-    """The uint32 random bits stochastic rounding draws from ``key`` (shared with the Pallas dispatch)."""
-    return jax.random.bits(key, tuple(shape), jnp.uint32)
+    """The uint32 random bits stochastic rounding draws from ``key``: ``hash_bits`` of the row-major element
+    index (shared with the Pallas dispatch, which hands the kernel ``key_seed(key)``). Arrays must have fewer
+    than 2**32 elements (32-bit counter)."""
+    shape = tuple(shape)
+    return hash_bits(key_seed(key), jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape))
 
 
 @functools.partial(jax.jit, static_argnames=("block", "rounding", "hadamard"))
@@ -321,6 +372,82 @@ def qdq(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax.Arra
     """quantize then dequantize; same shape and dtype as x (rotated basis when hadamard=True)."""
     q = quantize(x, block=block, rounding=rounding, key=key, bits=bits, hadamard=hadamard, amax=amax)
     return dequantize(q, x.dtype)
+
+
+def _rotate_axis(x32: jax.Array, axis: int) -> jax.Array:
+    """``_rotate_chunks`` along a 16-long ``axis`` that is not the last (the same products and the same
+    running sum in index order, so the same bits), vectorised along the contiguous last axis."""
+    m = rht_matrix()
+    shape = [1] * x32.ndim
+    shape[axis] = BLOCK
+    acc = None
+    for k in range(BLOCK):
+        t = jax.lax.slice_in_dim(x32, k, k + 1, axis=axis) * jnp.asarray(m[k]).reshape(shape)
+        acc = t if acc is None else acc + t
+    return acc
+
+
+@functools.partial(jax.jit, static_argnames=("block", "rounding", "hadamard", "axis", "dtype"))
+def qdq_unscaled(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key: jax.Array | None = None,
+                 bits: jax.Array | None = None, hadamard: bool = False, amax: jax.Array | None = None,
+                 axis: int = -1, dtype: Any = jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
+    """(codes * s_b in ``dtype``, S_dec): bit for bit ``dequantize(quantize(...), apply_tensor_scale=False)``,
+    computed without the float4 / float8 round trip (XLA's CPU converts to them are slow) and with the tensor
+    amax taken from the block amaxes (max is exact in any order). codes * s_b is exact in bf16 (2 x 4
+    significant bits), so ``dtype`` bf16 loses nothing.
+
+    axis=-1: blocks along the last axis (or 16x16 tiles), as ``quantize``. axis=0 (2-D x, 1x16 only): blocks
+    of 16 consecutive rows, equal to ``qdq_unscaled(x.T, key=key).T`` (RHT along rows too, and the bits
+    ``random_bits(key, x.T.shape).T``) without materialising either transpose; ``bits`` is x-aligned.
+    """
+    block = _check_block(block)
+    if axis not in (-1, 0) or (axis == 0 and (x.ndim != 2 or block != (1, 16))):
+        raise ValueError(f"qdq_unscaled: axis={axis} needs axis=-1, or axis=0 with 2-D x and block (1, 16)")
+    if axis == 0:
+        _check_last(x.shape[::-1], 1, "nvfp4.qdq_unscaled")
+    else:
+        _check_last(x.shape, 1 if block == (1, 16) else 2, "nvfp4.qdq_unscaled")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding={rounding!r}: use 'nearest' or 'stochastic'")
+    if rounding == "stochastic":
+        if bits is None:
+            if key is None:
+                raise ValueError("rounding='stochastic' needs key= (a PRNG key) or bits= (uint32, x's shape)")
+            if axis == 0:  # the index x.T would give this element
+                r, c = x.shape
+                idx = (jax.lax.broadcasted_iota(jnp.uint32, x.shape, 1) * jnp.uint32(r)
+                       + jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0))
+                bits = hash_bits(key_seed(key), idx)
+            else:
+                bits = random_bits(key, x.shape)
+        if bits.shape != x.shape or bits.dtype != jnp.uint32:
+            raise ValueError(f"bits must be uint32 of shape {x.shape}, got {bits.dtype}{bits.shape}")
+    x32 = x.astype(jnp.float32)
+    if hadamard:
+        if axis == 0:
+            r = x32.reshape(x.shape[0] // BLOCK, BLOCK, x.shape[1])
+            r = _storage_round(_rotate_axis(r, 1), x.dtype).reshape(x.shape)
+        else:
+            r = rht(x)
+        # written once in x's dtype (exact: already rounded to it); unpinned, XLA fuses the 31-op rotation into
+        # both the amax and the quantize loop (1.6x slower on CPU)
+        keep = x.dtype if jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.float32
+        x32 = jax.lax.optimization_barrier(r.astype(keep)).astype(jnp.float32)
+    if axis == 0:
+        xb, red = x32.reshape(x.shape[0] // BLOCK, BLOCK, x.shape[1]), (1,)
+    else:
+        xb, red = blocked(x32, block), ((-1,) if block == (1, 16) else (-3, -1))
+    amax_b = jnp.max(jnp.abs(xb), axis=red, keepdims=True)
+    amax = jnp.max(amax_b) if amax is None else jnp.asarray(amax, jnp.float32)
+    s_enc, s_dec = tensor_scales(amax)
+    s_b = _block_scale_value(amax_b, s_enc)
+    e_b = jnp.minimum(jnp.float32(1.0) / (s_b * s_dec), jnp.float32(FLT_MAX))
+    y = te_signed(xb, jnp.clip(xb * e_b, -E2M1_MAX, E2M1_MAX))
+    if rounding == "nearest":
+        q = _e2m1_nearest_value(y)
+    else:
+        q = _e2m1_stochastic_value(y, bits.reshape(xb.shape))
+    return (q * s_b).astype(dtype).reshape(x.shape), s_dec
 
 
 def flush_to_zero_fraction(x: jax.Array, xq: jax.Array) -> jax.Array:

@@ -74,11 +74,11 @@ def quantizer_key(key: jax.Array, name: str) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _q(x, recipe, *, block=(1, 16), sr=False, key=None, hadamard=False, amax=None):
-    """(codes * s_b as bf16, S_dec) of x along its last axis."""
+def _q(x, recipe, *, block=(1, 16), sr=False, key=None, hadamard=False, amax=None, axis=-1):
+    """(codes * s_b as bf16, S_dec) of x along its last axis (axis=0: along rows of a 2-D x, as x.T)."""
     rounding = "stochastic" if (sr and recipe.stochastic_rounding) else "nearest"
     return dispatch.qdq_unscaled(x, block=block, rounding=rounding, key=key if rounding == "stochastic" else None,
-                                 hadamard=hadamard, amax=amax, impl=recipe.impl)
+                                 hadamard=hadamard, amax=amax, impl=recipe.impl, axis=axis)
 
 
 def _check_mult(name, n, m=16):
@@ -105,9 +105,11 @@ def _weight_fprop(w, recipe):
     return v.T, s
 
 
-def _weight_dgrad(w, recipe):
-    """W [K, N] for dgrad (reduction over N): the same 16x16 values, or 1x16 along N."""
-    return _q(w, recipe, block=(16, 16)) if recipe.weight_2d else _q(w, recipe)
+def _weight_residual(w, wq, recipe):
+    """What the backward pass keeps of W: the fprop 16x16 copy (the same values in W and W^T, so dgrad reuses
+    it and W is quantized once per step; as many bytes as a bf16 W), or W itself for the 1x16-along-N dgrad
+    copy. The empty array carries W's dtype for dW."""
+    return (wq if recipe.weight_2d else w), jnp.zeros((0,), w.dtype)
 
 
 def _keys(key, recipe):
@@ -128,25 +130,27 @@ def _nvfp4_matmul(x, w, key, recipe):
 def _nvfp4_fwd(x, w, key, recipe):
     k, n = w.shape
     xv, sx = _q(x.reshape(-1, k), recipe)
-    wv, sw = _weight_fprop(w, recipe)
-    y = _mm(xv, wv, ((1,), (0,))) * (sx * sw)
-    return y.reshape(*x.shape[:-1], n).astype(x.dtype), (x, w, key)
+    wq = _weight_fprop(w, recipe)
+    y = _mm(xv, wq[0], ((1,), (0,))) * (sx * wq[1])
+    # the 16x16 weight copy is kept for dgrad instead of w (same bytes in bf16); 1x16 needs w again
+    return y.reshape(*x.shape[:-1], n).astype(x.dtype), (x, _weight_residual(w, wq, recipe), key)
 
 
 def _nvfp4_bwd(recipe, res, dy):
-    x, w, key = res
-    k, n = w.shape
+    x, (wres, wdt), key = res
+    k, n = x.shape[-1], dy.shape[-1]
     kd, kw = _keys(key, recipe)
     x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
     # Dgrad: dX [T, K] = dY [T, N] . W^T, reduction over N
     dyv, sdy = _q(dy2, recipe, sr=True, key=kd)
-    wv, sw = _weight_dgrad(w, recipe)
+    wv, sw = wres if recipe.weight_2d else _q(wres, recipe)  # W [K, N]: 16x16 copy, or 1x16 along N
     dx = _mm(dyv, wv, ((1,), (1,))) * (sdy * sw)
-    # Wgrad: dW [K, N] = X^T . dY, reduction over tokens (padded to 16)
-    xtv, sxt = _q(_pad_rows(x2, 16).T, recipe, hadamard=recipe.rht)
-    dytv, sdyt = _q(_pad_rows(dy2, 16).T, recipe, sr=True, key=kw, hadamard=recipe.rht)
-    dw = _mm(xtv, dytv, ((1,), (1,))) * (sxt * sdyt)
-    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype), None
+    # Wgrad: dW [K, N] = X^T . dY, reduction over tokens (padded to 16): both quantized along rows in place
+    # (axis=0), the same values as quantizing the transposes, without writing them
+    xtv, sxt = _q(_pad_rows(x2, 16), recipe, hadamard=recipe.rht, axis=0)
+    dytv, sdyt = _q(_pad_rows(dy2, 16), recipe, sr=True, key=kw, hadamard=recipe.rht, axis=0)
+    dw = _mm(xtv, dytv, ((0,), (0,))) * (sxt * sdyt)
+    return dx.reshape(x.shape).astype(x.dtype), dw.astype(wdt.dtype), None
 
 
 _nvfp4_matmul.defvjp(_nvfp4_fwd, _nvfp4_bwd)
@@ -217,20 +221,20 @@ def _nvfp4_ragged(x, w, group_sizes, key, recipe):
 def _ragged_fwd(x, w, group_sizes, key, recipe):
     m = x.shape[0]
     xv, sx = _q(x, recipe)
-    wv, sw = _per_expert(lambda wg: _weight_fprop(wg, recipe), w)  # [G, K, N], [G]
-    y = _grouped_dot(xv, wv, group_sizes)
-    y = y * (sx * sw[_group_ids(group_sizes, m)])[:, None]
-    return y.astype(x.dtype), (x, w, group_sizes, key)
+    wq = _per_expert(lambda wg: _weight_fprop(wg, recipe), w)  # [G, K, N], [G]
+    y = _grouped_dot(xv, wq[0], group_sizes)
+    y = y * (sx * wq[1][_group_ids(group_sizes, m)])[:, None]
+    return y.astype(x.dtype), (x, _weight_residual(w, wq, recipe), group_sizes, key)
 
 
 def _ragged_bwd(recipe, res, dy):
-    x, w, group_sizes, key = res
+    x, (wres, wdt), group_sizes, key = res
     m = x.shape[0]
     kd, kw = _keys(key, recipe)
     gid = _group_ids(group_sizes, m)
     # Dgrad: dX [M, K] = dY [M, N] . W_g^T per group
     dyv, sdy = _q(dy, recipe, sr=True, key=kd)
-    wv, sw = _per_expert(lambda wg: _weight_dgrad(wg, recipe), w)
+    wv, sw = wres if recipe.weight_2d else _per_expert(lambda wg: _q(wg, recipe), wres)
     dx = _grouped_dot(dyv, jnp.swapaxes(wv, 1, 2), group_sizes)
     dx = dx * (sdy * sw[gid])[:, None]
     # Wgrad: dW_g = X_g^T . dY_g, each group zero-padded to a multiple of 16 tokens so no 16-block (or RHT
@@ -238,10 +242,10 @@ def _ragged_bwd(recipe, res, dy):
     dest, psizes, mp = _padded_layout(group_sizes, m)
     xp = jnp.zeros((mp, x.shape[1]), x.dtype).at[dest].set(x, mode="drop")
     dyp = jnp.zeros((mp, dy.shape[1]), dy.dtype).at[dest].set(dy, mode="drop")
-    xtv, sxt = _q(xp.T, recipe, hadamard=recipe.rht)
-    dytv, sdyt = _q(dyp.T, recipe, sr=True, key=kw, hadamard=recipe.rht)
-    dw = _grouped_wgrad(xtv.T, dytv.T, psizes) * (sxt * sdyt)
-    return dx.astype(x.dtype), dw.astype(w.dtype), None, None
+    xtv, sxt = _q(xp, recipe, hadamard=recipe.rht, axis=0)
+    dytv, sdyt = _q(dyp, recipe, sr=True, key=kw, hadamard=recipe.rht, axis=0)
+    dw = _grouped_wgrad(xtv, dytv, psizes) * (sxt * sdyt)
+    return dx.astype(x.dtype), dw.astype(wdt.dtype), None, None
 
 
 _nvfp4_ragged.defvjp(_ragged_fwd, _ragged_bwd)
@@ -264,8 +268,7 @@ def nvfp4_ragged_dot(x: jax.Array, w: jax.Array, group_sizes: jax.Array, key: ja
 # ------------------------------------------------------------------------------------- MXFP8 linear
 def _mx(a):
     """MXFP8 QDQ along the last axis, in bf16 (codes * 2**e is exact there)."""
-    codes, e = mxfp8.quantize(a)
-    return mxfp8.dequantize(codes, e, jnp.bfloat16)
+    return mxfp8.qdq_values(a, jnp.bfloat16)
 
 
 @jax.custom_vjp

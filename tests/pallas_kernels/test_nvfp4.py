@@ -119,3 +119,17 @@ def test_kernel_lowers_to_triton_for_h200_without_a_gpu(dtype, block):
             text = jax.jit(g).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == 1, (rounding, had, src)
         assert "div.rn.f32" in text
+
+
+def test_key_bits_are_the_kernel_hash_and_unscaled_dispatch_agrees():
+    """random_bits(key) is the kernel's in-kernel hash of key_seed(key), so the dispatch hands the kernel a
+    seed (no bits array) and both impls still agree bit for bit, for the row-blocked (axis=0) form too."""
+    k = jax.random.key(4)
+    np.testing.assert_array_equal(np.asarray(nvfp4.random_bits(k, (6, 32))),
+                                  np.asarray(K.hash_bits(nvfp4.key_seed(k), (6, 32))))
+    x2 = X.reshape(64, 64).astype(jnp.bfloat16)
+    for axis in (-1, 0):
+        a = dispatch.qdq_unscaled(x2, rounding="stochastic", key=k, hadamard=True, axis=axis, impl="pallas_interpret")
+        b = dispatch.qdq_unscaled(x2, rounding="stochastic", key=k, hadamard=True, axis=axis, impl="reference")
+        np.testing.assert_array_equal(np.asarray(a[0]).astype(np.float32), np.asarray(b[0]).astype(np.float32))
+        assert float(a[1]) == float(b[1])

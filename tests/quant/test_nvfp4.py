@@ -288,6 +288,64 @@ def test_mxfp8_matches_oracle(case):
     oc, od = mx_oracle(x)
     np.testing.assert_array_equal(np.asarray(codes).view(np.uint8), oc.view(np.uint8))
     np.testing.assert_array_equal(np.asarray(mxfp8.qdq(jnp.asarray(x))), od)
+    # the fused GEMM-operand path (no float8 round trip): the same bits in fp32, and in bf16 for bf16 inputs
+    np.testing.assert_array_equal(np.asarray(mxfp8.qdq_values(jnp.asarray(x), jnp.float32)).view(np.uint32),
+                                  od.view(np.uint32))
+    xb = jnp.asarray(x).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(mxfp8.qdq_values(xb)).view(np.uint16),
+                                  np.asarray(mxfp8.qdq(xb)).view(np.uint16))
     assert np.asarray(mxfp8.e8m0_scales(e)).dtype == jnp.float8_e8m0fnu
     with pytest.raises(ValueError, match="multiple of 32"):
         mxfp8.quantize(jnp.ones((2, 48)))
+
+
+# ------------------------------------------------------------------ fused GEMM-operand path (qdq_unscaled)
+def test_e2m1_rounding_matches_ml_dtypes_on_a_dense_sweep():
+    """The compare-and-multiply E2M1 rounding equals a correct float4_e2m1fn cast (ml_dtypes) on every
+    1/4096 step of [-6, 6] (all ties included) and at +-0."""
+    y = np.concatenate([np.arange(-6 * 4096, 6 * 4096 + 1, dtype=F) / F(4096), np.array([0.0, -0.0], F)])
+    got = np.asarray(nvfp4.round_e2m1_nearest(jnp.asarray(y))).view(np.uint8)
+    want = y.astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("block", [(1, 16), (16, 16)])
+@pytest.mark.parametrize("rounding,hadamard", [("nearest", False), ("nearest", True), ("stochastic", False),
+                                               ("stochastic", True)])
+def test_qdq_unscaled_is_dequantize_of_quantize(block, rounding, hadamard):
+    """The fused path (no float4/float8 round trip, tensor amax from block amaxes) gives the bits of
+    dequantize(quantize(x), apply_tensor_scale=False) and the same S_dec, bf16 and fp32 inputs."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((48, 64)).astype(F) * np.exp(rng.standard_normal((48, 1)).astype(F) * 2)
+    x[3, :16], x[5, 7], x[9, 2] = 0.0, -0.0, 1e-30
+    k = jax.random.key(11) if rounding == "stochastic" else None
+    for xj in (jnp.asarray(x), jnp.asarray(x).astype(jnp.bfloat16)):
+        q = nvfp4.quantize(xj, block=block, rounding=rounding, key=k, hadamard=hadamard)
+        want = nvfp4.dequantize(q, jnp.float32, apply_tensor_scale=False)
+        v, s_dec = nvfp4.qdq_unscaled(xj, block=block, rounding=rounding, key=k, hadamard=hadamard, dtype=jnp.float32)
+        np.testing.assert_array_equal(np.asarray(v).view(np.uint32), np.asarray(want).view(np.uint32))
+        assert np.asarray(s_dec).view(np.uint32) == np.asarray(q.tensor_scale).view(np.uint32)
+        vb, _ = nvfp4.qdq_unscaled(xj, block=block, rounding=rounding, key=k, hadamard=hadamard)
+        np.testing.assert_array_equal(np.asarray(vb).astype(F), np.asarray(v))  # exact in bf16
+        if block == (1, 16):  # blocks along rows in place == the transpose's blocks, bits included
+            vt, st = nvfp4.qdq_unscaled(xj.T, rounding=rounding, key=k, hadamard=hadamard, axis=0, dtype=jnp.float32)
+            np.testing.assert_array_equal(np.asarray(vt).T.view(np.uint32), np.asarray(v).view(np.uint32))
+            assert float(st) == float(s_dec)
+
+
+def test_qdq_unscaled_nan_inf_and_bad_args():
+    x = np.linspace(-1, 1, 64, dtype=F).reshape(2, 32)
+    xn = x.copy()
+    xn[1, 3] = np.nan
+    v, s = nvfp4.qdq_unscaled(jnp.asarray(xn))
+    assert np.isnan(float(s))  # the GEMM output is multiplied by S_dec: all NaN
+    xi = x.copy()
+    xi[0, 5] = np.inf
+    v, s = nvfp4.qdq_unscaled(jnp.asarray(xi), dtype=jnp.float32)
+    assert float(s) == 1.0 and float(v[0, 5]) == 2688.0 and np.isfinite(np.asarray(v)).all()
+    with pytest.raises(ValueError, match="axis"):
+        nvfp4.qdq_unscaled(jnp.ones((16, 32)), block=(16, 16), axis=0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        nvfp4.qdq_unscaled(jnp.ones((24, 32)), axis=0)
+    with pytest.raises(ValueError, match="key"):
+        nvfp4.qdq_unscaled(jnp.ones((16, 32)), rounding="stochastic")

@@ -103,6 +103,23 @@ def test_reference_matches_te(path, block, rht):
     np.testing.assert_array_equal(_bits(nvfp4.dequantize(q)), _bits(want))
 
 
+@pytest.mark.parametrize("path,block,rht", CASES)
+def test_unscaled_gemm_operand_matches_te(path, block, rht):
+    """The recipe's fused path (nvfp4.qdq_unscaled, and for 1x16 its in-place row-blocked form on x.T) gives
+    TE's codes times TE's block scales, bit for bit, and TE's S_dec."""
+    z, x, _ = _load(path)
+    g = _golden(z, block, rht)
+    s_b = np.asarray(g["scales"]).view(ml_dtypes.float8_e4m3fn).astype(F)
+    want = E2M1_VALUES[_unpack(g["codes"])] * _expand(s_b, block, x.shape)
+    v, s_dec = nvfp4.qdq_unscaled(jnp.asarray(x), block=block, hadamard=rht, dtype=jnp.float32)
+    np.testing.assert_array_equal(_bits(v), _bits(want))
+    if not _is_all_zero(path):
+        assert _bits(s_dec) == _bits(g["s_dec"])
+    if block == (1, 16):
+        vt, _ = nvfp4.qdq_unscaled(jnp.asarray(x).T, hadamard=rht, axis=0, dtype=jnp.float32)
+        np.testing.assert_array_equal(_bits(np.asarray(vt).T), _bits(want))
+
+
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
 def test_rht_matches_te_rotation(path):
     """Our rht equals TE's x @ (H * 1/4) on torch's CPU: an fp32 running sum in index order, rounded to bf16
