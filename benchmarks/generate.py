@@ -4,13 +4,17 @@
     python benchmarks/generate.py flat [--preset small --new 512]
     python benchmarks/generate.py speculative [--run runs/bench-mtp --steps 1500 --new 256]
     python benchmarks/generate.py long [--lengths 4096,8192,16384,32768,65536]
+    python benchmarks/generate.py round-parts [--run runs/bench-mtp-small --draft 3]
 
 decode: tokens/s at batch 1 and 8 with 128- and 2048-token prompts, fp32, greedy, same weights (ours exported
 with `to_hf` and loaded by HF transformers in the tool venv of tools/README.md; the HF side is a long-lived
 worker, benchmarks/hf_generate_worker.py, and the two take turns each round). flat: per-token decode time along
 a long generation. speculative: MTP speculative decoding vs plain greedy on a model trained with MTP (trains
 `configs/tiny.py` + an MTP block when --run has no checkpoint). long: prefill time and peak memory (max RSS of a
-fresh process per length) for long prompts on `tiny`.
+fresh process per length) for long prompts on `tiny`. round-parts: where a speculative round's time goes (a
+plain step, the draft, the verify, the MTP commit, a whole round), each inside a fori_loop so that the hoisted
+weight casts are paid once as in the real loops; process CPU time per iteration (steadier than wall time on a
+shared machine; run with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false for one thread).
 """
 
 from __future__ import annotations
@@ -179,6 +183,84 @@ def cmd_speculative(a) -> dict:
     return {"plain_tok_s": a.new / plain_s, "rows": rows}
 
 
+def cmd_round_parts(a) -> dict:
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    import nemotron_jax  # noqa: PLC0415
+    from nemotron_jax.data import make_tokenizer  # noqa: PLC0415
+    from nemotron_jax.inference import engine as E  # noqa: PLC0415
+    from nemotron_jax.inference import speculative as S  # noqa: PLC0415
+    from nemotron_jax.inference.sampling import Sampling  # noqa: PLC0415
+    from nemotron_jax.layers.cache import CacheIndex, MambaCache  # noqa: PLC0415
+    from nemotron_jax.model import DecodeCache  # noqa: PLC0415
+    gd, st = E.split_model(nemotron_jax.load_run(a.run))
+    k, n = a.draft, a.iters
+    samp = Sampling(0.0, None, 1.0)
+    prompt = np.asarray([make_tokenizer(None).encode(a.prompt)], np.int32)
+    logits, hidden, cache = S.prefill_mtp((gd, st), prompt, np.array([prompt.shape[1]]), max_len=256)
+    c = S.start((gd, st), logits, hidden, cache, max_new_tokens=4 * n * (k + 1) + 64, sampling=samp)
+    c = S.run_rounds((gd, st), c, max_new_tokens=10 ** 6, sampling=samp, draft_len=k, max_rounds=4)
+    cache, ones = c.cache, jnp.ones((1,), jnp.int32)
+
+    def loop(body):  # n iterations of body(model, carry) in one jitted fori_loop
+        return jax.jit(lambda st, carry: jax.lax.fori_loop(0, n, lambda i, cr: body(E.merge(gd, st), cr), carry))
+
+    def plain(m, cr):
+        x, layers = cr
+        h, cc = m.extend(x[:, None], DecodeCache(layers, cache.lengths, None))
+        return jnp.argmax(m.logits(h[:, 0]), -1).astype(jnp.int32), cc.layers
+
+    def draft(m, cr):  # draft steps 2..K (step 1 comes with the commit)
+        h, d, mtp = cr
+        for s in range(k - 1):
+            hh, mtp = m.mtp_extend(h[:, None], d[:, None], mtp, CacheIndex(cache.lengths + s, ones))
+            h = hh[:, 0]
+            d = jnp.argmax(m.logits(h), -1).astype(jnp.int32)
+        return h, d, mtp
+
+    def verify(m, cr):  # extend keep_steps over K+1 tokens, logits, pick a Mamba step state
+        toks, layers = cr
+        h, ver = m.extend(toks, DecodeCache(layers, cache.lengths, None), keep_steps=True)
+        toks = jnp.argmax(m.logits(h), -1).astype(jnp.int32)
+        live = jnp.ones((1,), bool)
+        return toks, tuple(S._pick_steps(new, old, toks[:, 0] % (k + 1), live) if isinstance(new, MambaCache)
+                           else new for new, old in zip(ver.layers, layers))
+
+    def commit(m, cr):  # the width-(K+1) MTP call
+        h, toks, mtp = cr
+        h1, mtp = m.mtp_extend(h, toks, mtp, CacheIndex(cache.lengths, ones * (k + 1)))
+        return h1, toks, mtp
+
+    def one_round(m, cr):
+        return S._round(m, cr, jnp.zeros((0,), jnp.int32), jnp.int32(10 ** 6), samp, k)
+
+    toks = jnp.tile(c.x[:, None], (1, k + 1))
+    h_k = jnp.broadcast_to(c.h1[:, None], (1, k + 1, c.h1.shape[-1]))
+    cases = {"plain decode step": (loop(plain), (c.x, cache.layers)),
+             f"draft ({k - 1} MTP steps + logits)": (loop(draft), (c.h1, c.x, cache.mtp)),
+             f"verify (extend {k + 1} tokens keep_steps, logits, pick)": (loop(verify), (toks, cache.layers)),
+             f"commit (MTP width {k + 1})": (loop(commit), (h_k, toks, cache.mtp)),
+             "whole round": (loop(one_round), c)}
+    times = {name: [] for name in cases}
+    for f, carry in cases.values():
+        jax.block_until_ready(f(st, carry))
+    for _ in range(a.rounds):  # interleaved
+        for name, (f, carry) in cases.items():
+            t0 = time.process_time()
+            jax.block_until_ready(f(st, carry))
+            times[name].append((time.process_time() - t0) / n * 1e3)
+    plain_ms = statistics.median(times["plain decode step"])
+    print(f"\n{a.run}, draft length {k}, batch 1: CPU ms per iteration, medians of {a.rounds} interleaved rounds\n")
+    print("| part | ms | plain steps |")
+    print("|---|---|---|")
+    out = {}
+    for name, v in times.items():
+        out[name] = statistics.median(v)
+        print(f"| {name} | {out[name]:.2f} | {out[name] / plain_ms:.2f} |")
+    return out
+
+
 def _one_long(n: int) -> None:
     import nemotron_jax  # noqa: PLC0415
     from nemotron_jax.inference import engine as E  # noqa: PLC0415
@@ -233,13 +315,20 @@ def main() -> None:
     s.add_argument("--drafts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 3, 4])
     s.add_argument("--prompt", default="ROMEO:\n")
     s.add_argument("--temperature", type=float, default=0.0)
+    rp = sub.add_parser("round-parts")
+    rp.add_argument("--run", default=str(REPO / "runs" / "bench-mtp-small"))
+    rp.add_argument("--draft", type=int, default=3)
+    rp.add_argument("--iters", type=int, default=16)
+    rp.add_argument("--rounds", type=int, default=5)
+    rp.add_argument("--prompt", default="ROMEO:\n")
     lg = sub.add_parser("long")
     lg.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")],
                     default=[4096, 8192, 16384, 32768, 65536])
-    for p in (d, f, s, lg):
+    for p in (d, f, s, rp, lg):
         p.add_argument("--out", help="also write the figures as JSON here")
     a = ap.parse_args()
-    res = {"decode": cmd_decode, "flat": cmd_flat, "speculative": cmd_speculative, "long": cmd_long}[a.cmd](a)
+    res = {"decode": cmd_decode, "flat": cmd_flat, "speculative": cmd_speculative,
+           "round-parts": cmd_round_parts, "long": cmd_long}[a.cmd](a)
     if a.out:
         pathlib.Path(a.out).write_text(json.dumps(res, indent=1, default=str))
 
