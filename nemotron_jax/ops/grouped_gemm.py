@@ -165,6 +165,38 @@ def blocked_group_outer(x_mk: jax.Array, y_mn: jax.Array, group_sizes: jax.Array
     return _grouped_outer(x_mk, y_mn, group_sizes, num_groups, block, min_block, out_dtype)
 
 
+SMALL_ROWS = 8  # at most this many rows (decode: batch x top-k): gather each row's weight instead of tiles
+
+
+def gathered_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array, *,
+                        preferred_element_type=None) -> jax.Array:
+    """y[r] = x[r] @ w[group of r] with each row's own weight gathered ([m, k, n]) and one batched
+    matrix-vector product: for the few rows of a decode step it reads only the experts in use, where the tile
+    loop pays a GEMM call per used group (measured on `small`'s MoE, 4 rows: ~8x faster; a plain decode step
+    ~1.2x faster). Rows past sum(group_sizes) give zeros. Differentiable by autodiff (the gather's transpose
+    is a scatter-add of m weight slices)."""
+    m, g = x_mk.shape[0], w_gkn.shape[0]
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    r = jnp.arange(m)
+    gid = jnp.minimum(jnp.searchsorted(ends, r, side="right"), g - 1)
+    out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x_mk, w_gkn))
+    y = jnp.einsum("mk,mkn->mn", x_mk, w_gkn[gid], preferred_element_type=jnp.float32).astype(out_dtype)
+    return jnp.where((r < ends[-1])[:, None], y, jnp.zeros((), out_dtype))
+
+
+def cpu_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array, *,
+                   preferred_element_type=None) -> jax.Array | None:
+    """The CPU grouped GEMM for (m rows, g groups): gathered weights for a handful of rows, the tile loop
+    otherwise; None where neither fits memory (the caller falls back to ragged_dot). One place for the
+    choice, shared by the MoE dispatch and the NVFP4 recipe's expert GEMMs."""
+    (m, k), (g, _, n) = x_mk.shape, w_gkn.shape
+    if m <= SMALL_ROWS:
+        return gathered_ragged_dot(x_mk, w_gkn, group_sizes, preferred_element_type=preferred_element_type)
+    if blocked_fits(m, g, k, n, jnp.dtype(w_gkn.dtype).itemsize):
+        return blocked_ragged_dot(x_mk, w_gkn, group_sizes, preferred_element_type=preferred_element_type)
+    return None
+
+
 def blocked_fits(m: int, g: int, k: int, n: int, itemsize: int, *, block: int | None = None,
                  budget_bytes: int = 256 << 20) -> bool:
     """Whether the tiled path's extra memory (one weight slice and one tile, beside the output) stays within

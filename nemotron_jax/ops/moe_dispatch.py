@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from nemotron_jax import platform
 from nemotron_jax.ops.activations import relu2
-from nemotron_jax.ops.grouped_gemm import blocked_fits, blocked_ragged_dot
+from nemotron_jax.ops.grouped_gemm import cpu_ragged_dot
 
 RaggedDot = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x_mk, w_gkn, group_sizes_g) -> y_mn
 
@@ -38,15 +38,15 @@ def reference_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Arr
 def default_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """The grouped GEMM of the routed experts, by backend.
 
-    CPU: the tiled `blocked_ragged_dot` (dense GEMMs on each group's rows in place, custom VJP; ~1.3x a dense
-    GEMM of the same FLOPs fwd+bwd on the bench MoE, ragged_dot's CPU lowering is ~20x), else tokamax's XLA
-    path. GPU/TPU: `tokamax.ragged_dot` (Mosaic kernel on Hopper). Same signature as the NVFP4 replacement a
+    CPU: `grouped_gemm.cpu_ragged_dot`: each row's expert weight gathered for decode-size row counts, else the
+    tiled `blocked_ragged_dot` (dense GEMMs on each group's rows in place, custom VJP; ~1.4x a dense GEMM of the
+    same FLOPs fwd+bwd on the bench MoE, ragged_dot's CPU lowering is ~20x), else tokamax's XLA path.
+    GPU/TPU: `tokamax.ragged_dot` (Mosaic kernel on Hopper). Same signature as the NVFP4 replacement a
     precision policy may install on `RoutedExperts.ragged_dot`.
     """
     on_cpu = platform.on_cpu()
-    (m, k), (g, _, n) = x_mk.shape, w_gkn.shape
-    if on_cpu and blocked_fits(m, g, k, n, jnp.dtype(w_gkn.dtype).itemsize):
-        return blocked_ragged_dot(x_mk, w_gkn, group_sizes)
+    if on_cpu and (y := cpu_ragged_dot(x_mk, w_gkn, group_sizes)) is not None:
+        return y
     import tokamax  # noqa: PLC0415  (a hard dependency; imported here to keep module import light)
 
     return tokamax.ragged_dot(x_mk, w_gkn, group_sizes.astype(jnp.int32), implementation="xla" if on_cpu else None)

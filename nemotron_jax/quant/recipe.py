@@ -194,12 +194,12 @@ def _per_expert(fn, w):
 
 
 def _grouped_dot(x_mk, w_gkn, group_sizes):
-    """fp32-accumulated grouped GEMM: the tiled CPU path where it fits (lax.ragged_dot lowers on CPU to work
-    proportional to rows x groups), lax.ragged_dot elsewhere. Both sum the same products in fp32 (the order
-    may differ by an ulp)."""
-    (m, k), (g, _, n) = x_mk.shape, w_gkn.shape
-    if platform.on_cpu() and grouped_gemm.blocked_fits(m, g, k, n, 4):
-        return grouped_gemm.blocked_ragged_dot(x_mk, w_gkn, group_sizes, preferred_element_type=_F32)
+    """fp32-accumulated grouped GEMM: the CPU path of the MoE dispatch (`grouped_gemm.cpu_ragged_dot`;
+    lax.ragged_dot lowers on CPU to work proportional to rows x groups), lax.ragged_dot elsewhere. All sum
+    the same products in fp32 (the order may differ by an ulp)."""
+    if platform.on_cpu() and (y := grouped_gemm.cpu_ragged_dot(x_mk, w_gkn, group_sizes,
+                                                               preferred_element_type=_F32)) is not None:
+        return y
     return jax.lax.ragged_dot(x_mk, w_gkn, group_sizes, preferred_element_type=_F32)
 
 
