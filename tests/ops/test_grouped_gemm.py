@@ -81,7 +81,8 @@ def test_budget():
     ([1, 0, 2, 0, 1], 4),       # decode at batch 1, top-4 (with empty experts)
     ([0, 3, 0, 0], 6),          # rows past the groups give zeros
     ([0, 0, 0], 5),             # nothing routed
-    ([2, 2, 2, 2], 8),          # the largest row count the CPU dispatch sends here
+    ([2, 2, 2, 2], 8),
+    ([5, 3, 0, 8], 16),         # a verify of 4 tokens x top-4
 ])
 def test_gathered_matches_loop_and_ragged_dot_forward_and_grads(sizes, m):
     gs = jnp.asarray(sizes, jnp.int32)
