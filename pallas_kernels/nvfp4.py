@@ -66,7 +66,8 @@ def supports(shape, dtype, block=(1, 16)) -> bool:
     return math.prod(shape) < 2 ** 32
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two dividing n, at most cap (a block size that tiles n exactly)."""
     d = 1
     while d * 2 <= cap and n % (d * 2) == 0:
         d *= 2
@@ -218,8 +219,8 @@ def qdq_kernel(x: jax.Array, scales: jax.Array, *, block=(1, 16), rounding: str 
     nb = k // _B
     rows = math.prod(x.shape[:-1])
     x3 = x.reshape(rows, nb, _B)
-    br = _B if two_d else _pow2_divisor(rows, _B)
-    bc = _pow2_divisor(nb, block_cols)
+    br = _B if two_d else pow2_divisor(rows, _B)
+    bc = pow2_divisor(nb, block_cols)
     grid = (rows // br, nb // bc)
     tile = pl.BlockSpec((br, bc, _B), lambda i, j: (i, j, 0))
     in_specs = [tile, pl.BlockSpec((4,), lambda i, j: (0,))]

@@ -34,15 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.nvfp4 import pow2_divisor
+
 _GROUP = 16
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _pow2_divisor(n: int, cap: int) -> int:
-    d = 1
-    while d * 2 <= cap and n % (d * 2) == 0:
-        d *= 2
-    return d
 
 
 def _next_pow2(n: int) -> int:
@@ -55,7 +50,7 @@ def _next_pow2(n: int) -> int:
 def block_sizes(m: int, n: int, k: int) -> tuple[int, int, int]:
     """(bm, bn, bk): bn and bk the largest power-of-two divisors of N (<= 128) and K (<= 256); bm a power of
     two in [16, 64] covering small M (the wrapper pads M to a multiple of bm)."""
-    return min(64, max(16, _next_pow2(m))), _pow2_divisor(n, 128), _pow2_divisor(k, 256)
+    return min(64, max(16, _next_pow2(m))), pow2_divisor(n, 128), pow2_divisor(k, 256)
 
 
 def supports(x_shape, n: int, dtype) -> bool:
