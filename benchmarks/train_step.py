@@ -395,7 +395,7 @@ def classify(op_name: str, stack: list[tuple[str, str, int]]) -> str:
         if kind == "mamba":
             if fbase & set(_SSD_FILES) or "pallas_kernels" in " ".join(f for *_, f in base):
                 return "mamba: SSD"
-            if names & {"causal_conv1d", "_conv_in"}:
+            if names & {"causal_conv1d", "_conv_in"} or "causal_conv.py" in fbase:
                 return "mamba: conv"
             if "norms.py" in fbase:
                 return "mamba: norms"

@@ -19,31 +19,8 @@ from nemotron_jax.layers.common import Linear, Site, dtype_of, param
 from nemotron_jax.layers.mlp import out_proj_std
 from nemotron_jax.layers.norms import GatedGroupRMSNorm
 from nemotron_jax.ops.activations import activation
+from nemotron_jax.ops.causal_conv import causal_conv1d
 from nemotron_jax.ops.ssd import ssd
-
-
-def causal_conv1d(x_btc: jax.Array, w_kc: jax.Array, b_c: jax.Array | None,
-                  segment_ids_bt: jax.Array | None = None, history_bkc: jax.Array | None = None) -> jax.Array:
-    """Depthwise causal conv: y[t] = sum_j w[j] * x[t - (k-1) + j] + b, taps from other documents zeroed.
-
-    `history_bkc` holds the k-1 inputs before x (zeros when absent, i.e. the sequence start).
-    """
-    k = w_kc.shape[0]
-    bsz, t, c = x_btc.shape
-    if history_bkc is None:
-        history_bkc = jnp.zeros((bsz, k - 1, c), x_btc.dtype)
-    xp = jnp.concatenate([history_bkc.astype(x_btc.dtype), x_btc], axis=1)  # [b, t+k-1, c]
-    if segment_ids_bt is not None:
-        seg_p = jnp.concatenate([jnp.full((bsz, k - 1), -1, segment_ids_bt.dtype), segment_ids_bt], axis=1)
-    y = jnp.zeros((bsz, t, c), jnp.float32)
-    for j in range(k):
-        tap = xp[:, j:j + t].astype(jnp.float32)
-        if segment_ids_bt is not None:
-            tap = jnp.where((seg_p[:, j:j + t] == segment_ids_bt)[..., None], tap, 0.0)
-        y = y + tap * w_kc[j].astype(jnp.float32)
-    if b_c is not None:
-        y = y + b_c.astype(jnp.float32)
-    return y.astype(x_btc.dtype)
 
 
 def _init_a_log(key, h):
