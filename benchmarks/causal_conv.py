@@ -1,6 +1,6 @@
 """The Mamba causal conv, forward + backward: the hand-written VJP (ops/causal_conv.py) against autodiff of the
-same shifted multiply-adds (what the model ran before) and against `lax.conv_general_dilated` (the test
-oracle), timed interleaved in one process. Default shape: the bench model's conv ([4, 512, 1280], k = 4).
+same shifted multiply-adds (`custom_vjp=False`: what the model ran before, and still runs for fp32 inputs) and
+against `lax.conv_general_dilated` (the test oracle), timed interleaved in one process. Default shape: the bench model's conv ([4, 512, 1280], k = 4).
 
     python benchmarks/causal_conv.py [--shape 4,512,1280 --k 4 --rounds 15 --segments]
 
@@ -10,6 +10,7 @@ Wall time is the median over rounds; cpu is the process CPU time (steadier on a 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -17,22 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax.ops.causal_conv import causal_conv1d, causal_conv1d_reference
-
-
-def autodiff_taps(x_btc, w_kc, b_c, segment_ids_bt=None, history_bkc=None):
-    """The conv as the model wrote it before the custom VJP: shifted fp32 taps, differentiated by autodiff."""
-    k = w_kc.shape[0]
-    bsz, t, c = x_btc.shape
-    xp = jnp.concatenate([jnp.zeros((bsz, k - 1, c), x_btc.dtype), x_btc], axis=1)
-    if segment_ids_bt is not None:
-        seg_p = jnp.concatenate([jnp.full((bsz, k - 1), -1, segment_ids_bt.dtype), segment_ids_bt], axis=1)
-    y = jnp.zeros((bsz, t, c), jnp.float32)
-    for j in range(k):
-        tap = xp[:, j:j + t].astype(jnp.float32)
-        if segment_ids_bt is not None:
-            tap = jnp.where((seg_p[:, j:j + t] == segment_ids_bt)[..., None], tap, 0.0)
-        y = y + tap * w_kc[j].astype(jnp.float32)
-    return (y + b_c.astype(jnp.float32)).astype(x_btc.dtype)
 
 
 def main() -> None:
@@ -57,7 +42,8 @@ def main() -> None:
             loss = lambda x, w, bias: jnp.sum(jax.nn.silu(fn(x, w, bias, seg).astype(jnp.float32)))  # noqa: E731
             return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
-        fns = {"custom VJP (ours)": grad_of(causal_conv1d), "autodiff of the taps": grad_of(autodiff_taps),
+        fns = {"custom VJP (ours)": grad_of(functools.partial(causal_conv1d, custom_vjp=True)),
+               "autodiff of the taps": grad_of(functools.partial(causal_conv1d, custom_vjp=False)),
                "lax conv (oracle)": grad_of(causal_conv1d_reference)}
         for f in fns.values():
             jax.block_until_ready(f(x, w, bias))
