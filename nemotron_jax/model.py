@@ -14,6 +14,7 @@ from nemotron_jax.layers.blocks import Block
 from nemotron_jax.layers.cache import CacheIndex
 from nemotron_jax.layers.common import Linear, QuantKey, Site, dtype_of, normal_init, param
 from nemotron_jax.layers.norms import RMSNorm
+from nemotron_jax.ops.ssd_chunked import segment_runs
 from nemotron_jax.sharding import constrain, rules_of
 from nemotron_jax.validate import as_token_array, check_segment_ids, check_tokens, checkify_tokens
 
@@ -92,6 +93,10 @@ class NemotronModel(nnx.Module):
         """
         tokens_bt = check_tokens(tokens_bt, self.cfg.vocab_size)
         segment_ids = check_segment_ids(segment_ids, tokens_bt.shape)
+        if segment_ids is not None:
+            # a document is a run of equal ids ([0, 1, 0] is three): run indices make "same id" mean "same
+            # document" for every mixer's mask (attention's included), not only for the SSD's
+            segment_ids = segment_runs(segment_ids)
         if checked:
             checkify_tokens(tokens_bt, self.cfg.vocab_size)
         if quant_key is None or self.quant_key is None:

@@ -89,6 +89,16 @@ def test_segment_ids_separate_documents(tiny):
     np.testing.assert_allclose(packed[:, 8:], model(toks[:, 8:]), rtol=0, atol=1e-6)
 
 
+def test_a_reused_segment_id_starts_a_new_document(tiny):
+    """Ids [0]*6 + [1]*6 + [0]*8 are three documents: the third must not see the first through attention or
+    the conv (it did through attention's equal-id mask before ids became runs). Tolerance as above."""
+    model = M.init_model(tiny, seed=3)
+    toks = _tokens(tiny, b=1, t=20, seed=5)
+    packed = model(toks, segment_ids=jnp.array([[0] * 6 + [1] * 6 + [0] * 8]))
+    np.testing.assert_allclose(packed[:, 12:], model(toks[:, 12:]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(packed[:, :6], model(toks[:, :6]), rtol=0, atol=1e-6)
+
+
 def test_tiny_overfits_one_batch(tiny):
     """A real learning check: loss on one fixed batch falls below 2% of its start within 100 Adam steps."""
     model = M.init_model(tiny, seed=0)
