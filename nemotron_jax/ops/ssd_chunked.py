@@ -188,24 +188,27 @@ def _decay_matrix(k: _Chunk, transpose: bool):
     return jnp.exp(jnp.where(mask, seg, -jnp.inf))   # exp(-inf) = 0; never differentiated (custom VJP)
 
 
-def _state_scan(kd, states, S0):
-    """S_c = kd_c * S_{c-1} + states_c over chunks (sequential, linear in T). Returns (final,
-    entering [b, c, ...]). Unrolled for few chunks: `lax.scan`'s stacked output costs a zero-fill and
-    copies of the whole [b, c, ...] buffer, a tenth of the forward at T=512."""
-    if kd.shape[1] > _UNROLL_CHUNKS:
+_UNROLL_CHUNKS = 16
+
+
+def _state_scan(kd, states, S0, reverse: bool = False):
+    """S_c = kd_c * S_{c-1} + states_c over chunks (sequential, linear in T); with ``reverse`` from the last
+    chunk down, S_c = kd_c * S_{c+1} + states_c (the backward's gradient flow). Returns (final, entering
+    [b, c, ...]: the value each chunk's step started from). Unrolled for few chunks: `lax.scan`'s stacked
+    output costs a zero-fill and copies of the whole [b, c, ...] buffer, a tenth of the forward at T=512."""
+    nc = kd.shape[1]
+    if nc > _UNROLL_CHUNKS:
         def step(S, inp):
             kd_c, st_c = inp
             return kd_c * S + st_c, S
-        S, entering = jax.lax.scan(step, S0, (jnp.moveaxis(kd, 1, 0), jnp.moveaxis(states, 1, 0)))
+        S, entering = jax.lax.scan(step, S0, (jnp.moveaxis(kd, 1, 0), jnp.moveaxis(states, 1, 0)),
+                                   reverse=reverse)
         return S, jnp.moveaxis(entering, 0, 1)
-    S, entering = S0, []
-    for c in range(kd.shape[1]):
-        entering.append(S)
+    S, entering = S0, [None] * nc
+    for c in (reversed(range(nc)) if reverse else range(nc)):
+        entering[c] = S
         S = kd[:, c] * S + states[:, c]
     return S, jnp.stack(entering, axis=1)
-
-
-_UNROLL_CHUNKS = 16
 
 
 def _kd_states(kd, p):
@@ -291,20 +294,7 @@ def _chunks_bwd(res, cts):
     dS_prev = jnp.einsum("bcgnl,bcglm->bcgnm", CgT, dQ)
 
     # (iii) inter-chunk scan, reversed: the state after chunk c gets dS_prev[c+1] and kd[c+1] * its grad
-    kdm = _kd_states(k.kd, p)
-    gS = dS_final
-    if nc > _UNROLL_CHUNKS:
-        def step(gS, inp):
-            kd_c, dSp_c = inp
-            return dSp_c + kd_c * gS, gS
-        dS0, dstates = jax.lax.scan(step, gS, (jnp.moveaxis(kdm, 1, 0), jnp.moveaxis(dS_prev, 1, 0)), reverse=True)
-        dstates = jnp.moveaxis(dstates, 0, 1)                            # [b, c, g, n, m]
-    else:
-        dstates = [None] * nc
-        for c in reversed(range(nc)):
-            dstates[c] = gS
-            gS = dS_prev[:, c] + kdm[:, c] * gS
-        dS0, dstates = gS, jnp.stack(dstates, axis=1)
+    dS0, dstates = _state_scan(_kd_states(k.kd, p), dS_prev, dS_final, reverse=True)  # [b, c, g, n, m]
     dkd = jnp.sum((dstates * S_prev).reshape(b, nc, g, n, r, p), axis=(3, 5))
     dlast = dkd * k.kd                                                   # d/d whole-chunk log-decay
 
