@@ -441,7 +441,7 @@ def qdq_unscaled(x: jax.Array, *, block=(1, 16), rounding: str = "nearest", key:
     amax = jnp.max(amax_b) if amax is None else jnp.asarray(amax, jnp.float32)
     s_enc, s_dec = tensor_scales(amax)
     s_b = _block_scale_value(amax_b, s_enc)
-    e_b = jnp.minimum(jnp.float32(1.0) / (s_b * s_dec), jnp.float32(FLT_MAX))
+    e_b = encode_scale(s_b, s_dec)
     y = te_signed(xb, jnp.clip(xb * e_b, -E2M1_MAX, E2M1_MAX))
     if rounding == "nearest":
         q = _e2m1_nearest_value(y)
