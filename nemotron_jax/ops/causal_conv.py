@@ -9,8 +9,6 @@ than autodiff; with fp32 inputs within 10% slower, so those keep autodiff (docs/
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -41,7 +39,7 @@ def _forward(x_btc, w_kc, b_c, hist_bkc, masks):
     return (y + b_c.astype(f32)).astype(x_btc.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=())
+@jax.custom_vjp
 def _conv(x_btc, w_kc, b_c, hist_bkc, segment_ids_bt):
     return _forward(x_btc, w_kc, b_c, hist_bkc, _tap_masks(segment_ids_bt, w_kc.shape[0]))
 

@@ -174,8 +174,8 @@ def gathered_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Arra
     matrix-vector product: for the few rows of a decode step it reads only the experts in use, where the tile
     loop pays a GEMM call per used group. Measured forward on this CPU (16 experts 256x256 / Nano's 128 of
     2688x1856): 8 rows 0.47 vs 0.71 ms / 54 vs 247 ms, 16 rows 0.52 vs 1.23 / 100 vs 262 ms, 32 rows 0.99 vs
-    0.92 / 206 vs 183 ms: the tiles win from about 32 rows (`SMALL_ROWS`). Rows past sum(group_sizes) give zeros. Differentiable by autodiff (the gather's transpose
-    is a scatter-add of m weight slices)."""
+    0.92 / 206 vs 183 ms: the tiles win from about 32 rows (`SMALL_ROWS`). Rows past sum(group_sizes) give
+    zeros. Differentiable by autodiff (the gather's transpose is a scatter-add of m weight slices)."""
     m, g = x_mk.shape[0], w_gkn.shape[0]
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
     r = jnp.arange(m)
