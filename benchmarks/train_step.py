@@ -90,7 +90,9 @@ def preset_model(preset: str) -> tuple[str, dict, int, int]:
         return b.BASE_PRESET, dict(b.BENCH_MODEL), b.SEQ_LEN, b.BATCH_SIZE
     if preset == "1b":
         return "tiny", dict(PRESET_1B), 4096, 4
-    raise SystemExit(f"unknown --preset {preset!r}: bench or 1b")
+    if preset == "tiny":  # the main job's model and batch (configs/tiny.py)
+        return "tiny", {"vocab_size": 256}, 128, 16
+    raise SystemExit(f"unknown --preset {preset!r}: bench, tiny or 1b")
 
 
 def _stats(xs: list[float]) -> dict:
@@ -766,7 +768,7 @@ def print_report(rep: dict, variants: list[str], kinds: tuple[str, ...], hf_ops:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="bench", help="bench (configs/bench.py) or 1b (the GPU model)")
+    ap.add_argument("--preset", default="bench", help="bench (configs/bench.py), tiny (the main job's model and batch) or 1b (the GPU model)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (default 8; --quick: 2)")
     ap.add_argument("--variants", default="fp32,bf16,nvfp4")
     ap.add_argument("--kinds", default="fwd,fwdbwd,step", help="which of fwd, fwdbwd, step to time")
