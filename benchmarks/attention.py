@@ -34,8 +34,8 @@ def main(argv=None) -> None:
     n, kv, h = (int(x) for x in a.heads.split(","))
     print(f"# causal attention, {n} query / {kv} KV heads x {h}; jax {jax.__version__} on {jax.default_backend()}, "
           f"median (min) of {a.rounds} interleaved rounds; block {a.block or 'default'}\n")
-    print("| T | block | batch | dtype | pass | tokamax xla ms | blocked ms | tokamax / blocked | temp MiB xla / blocked "
-          "| compile s xla / blocked |")
+    print("| T | block | batch | dtype | pass | tokamax xla ms | blocked ms | tokamax / blocked "
+          "| temp MiB xla / blocked | compile s xla / blocked |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for t in (int(x) for x in a.t.split(",")):
         b = max(1, a.tokens // t)
@@ -53,7 +53,8 @@ def main(argv=None) -> None:
                     if kind == "forward":
                         fn = jax.jit(f)
                     else:
-                        loss = lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * ct)  # noqa: E731
+                        def loss(q, k, v, f=f):
+                            return jnp.sum(f(q, k, v).astype(jnp.float32) * ct)
                         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
                     t0 = time.perf_counter()
                     compiled = fn.lower(q, k, v).compile()
@@ -69,8 +70,9 @@ def main(argv=None) -> None:
                         wall[name].append(time.perf_counter() - t0)
                 med = {name: statistics.median(w) * 1e3 for name, w in wall.items()}
                 lo = {name: min(w) * 1e3 for name, w in wall.items()}
-                print(f"| {t} | {a.block or default_block(t)} | {b} | {dtype} | {kind} | {med['xla']:,.1f} ({lo['xla']:,.1f}) | "
-                      f"{med['blocked']:,.1f} ({lo['blocked']:,.1f}) | {med['xla'] / med['blocked']:.2f}x | "
+                print(f"| {t} | {a.block or default_block(t)} | {b} | {dtype} | {kind} | "
+                      f"{med['xla']:,.1f} ({lo['xla']:,.1f}) | {med['blocked']:,.1f} ({lo['blocked']:,.1f}) | "
+                      f"{med['xla'] / med['blocked']:.2f}x | "
                       f"{temp['xla']:,.0f} / {temp['blocked']:,.0f} | {comp['xla']:.1f} / {comp['blocked']:.1f} |",
                       flush=True)
 

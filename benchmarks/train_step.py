@@ -768,7 +768,8 @@ def print_report(rep: dict, variants: list[str], kinds: tuple[str, ...], hf_ops:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="bench", help="bench (configs/bench.py), tiny (the main job's model and batch) or 1b (the GPU model)")
+    ap.add_argument("--preset", default="bench",
+                    help="bench (configs/bench.py), tiny (the main job's model and batch) or 1b (the GPU model)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (default 8; --quick: 2)")
     ap.add_argument("--variants", default="fp32,bf16,nvfp4")
     ap.add_argument("--kinds", default="fwd,fwdbwd,step", help="which of fwd, fwdbwd, step to time")
