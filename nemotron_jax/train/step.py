@@ -3,11 +3,10 @@
 A step whose loss or gradients are not finite is skipped inside the step: the update of the whole state
 (parameters, optimizer state, router biases and the step counter) is one branch of a `lax.cond` whose other
 branch returns the old state, so a skipped step leaves the state bit for bit as it was and the step stays one
-compile. `TrainState.step` counts
-*applied* updates: it is what the schedule and AdamW's bias correction read (optax's own count lives in the
-optimizer state and is held with it), so k skipped steps leave the schedule k steps behind the data
-(optax.apply_if_finite's convention). The batch of a skipped step is consumed, not retried. The loop counts the
-skips from `metrics["skipped"]` (`train.loop`).
+compile. `TrainState.step` counts *applied* updates: it is what the schedule and AdamW's bias correction read
+(optax's own count lives in the optimizer state and is held with it), so k skipped steps leave the schedule k
+steps behind the data (optax.apply_if_finite's convention). The batch of a skipped step is consumed, not
+retried. The loop counts the skips from `metrics["skipped"]` (`train.loop`).
 """
 
 from __future__ import annotations
@@ -79,7 +78,8 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef, optimizer: optax.G
 
         # skip: a cond, not a select of every leaf: the skipped branch returns the old state as it was, and the
         # applied one writes the update without a second pass over parameters and moments (bench model fp32 step
-        # 3% faster than the select, docs/benchmarks.md)
+        # 3% faster than the select, docs/benchmarks.md). The clipping inside recomputes the global norm (XLA
+        # does not share it across the cond boundary): one extra read of the gradients, much less than the select.
         old = jax.tree.unflatten(jax.tree.structure(state), old_leaves)
         new = jax.lax.cond(finite, apply, lambda grads, st: st, grads, old)
         metrics = dict(metrics)
