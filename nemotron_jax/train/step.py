@@ -55,8 +55,9 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef, optimizer: optax.G
         return loss, (metrics, out.expert_loads, out)
 
     def train_step(state: TrainState, batch: dict, data_step=None) -> tuple[TrainState, dict]:
-        # the arrays of the incoming state, taken before anything runs: merging a module mutates its Variables in
-        # place (the router-bias update writes into state.rest's), so `state` itself is not a safe "old" below
+        # the arrays of the incoming state, taken before anything runs: merging a module can write its Variables in
+        # place (the forward sets the quant key, the router-bias update the biases), so the skip branch returns
+        # these arrays rather than whatever `state`'s Variables hold after tracing
         old_leaves = jax.tree.leaves(state)
         key = jax.random.fold_in(state.rng, state.step)
         poison = None
