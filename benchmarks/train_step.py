@@ -596,10 +596,13 @@ def cmd_bench(a) -> dict:
             raise SystemExit(f"unknown kind {k!r}: choose from {KINDS}")
     tokens = np.random.default_rng(0).integers(0, overrides["vocab_size"], (batch, seq)).astype(np.int32)
     ntok = batch * seq
+    from nemotron_jax.platform import host_allocator  # noqa: PLC0415
+
     dev = jax.devices()[0]
     report = {"preset": a.preset, "model": {"base": base, **overrides}, "batch": [batch, seq], "rounds": a.rounds,
               "jax": jax.__version__, "backend": jax.default_backend(), "device": dev.device_kind,
-              "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": {}, "hf": None}
+              "cpu_count": os.cpu_count(), "malloc": host_allocator(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "variants": {}, "hf": None}
     print(f"# {a.preset}: batch {batch} x {seq} = {ntok} tokens; jax {jax.__version__} on {dev.device_kind} "
           f"({jax.default_backend()}), {os.cpu_count()} CPUs", flush=True)
 
@@ -701,7 +704,7 @@ def print_report(rep: dict, variants: list[str], kinds: tuple[str, ...], hf_ops:
     b, t = rep["batch"]
     pk = rep["peak_flops"]["best"]
     print(f"\n{rep['preset']} model, batch {b} x {t}, medians of {rep['rounds']} interleaved rounds "
-          f"({rep['device']}, {rep['cpu_count']} CPUs, jax {rep['jax']}"
+          f"({rep['device']}, {rep['cpu_count']} CPUs, host malloc {rep.get('malloc', 'system')}, jax {rep['jax']}"
           + (f", torch {rep['hf']['worker']['torch']} with {rep['hf']['worker']['threads']} threads" if rep["hf"] else "")
           + f"); matmul peak (jnp.dot {rep['peak_flops']['n']}^2, best round): fp32 {pk['float32'] / 1e9:,.0f} "
             f"GFLOP/s, bf16 {pk['bfloat16'] / 1e9:,.0f} GFLOP/s\n")

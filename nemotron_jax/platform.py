@@ -31,3 +31,18 @@ def interpret_default() -> bool:
     """Whether a Pallas kernel should run interpreted when nobody says: our kernels compile for GPUs
     only (Mosaic GPU and Triton lowerings), so everywhere else they run under the interpreter."""
     return not on_gpu()
+
+
+def host_allocator() -> str:
+    """The C allocator serving this process's host memory (XLA's CPU buffers among it): "tcmalloc" or "jemalloc"
+    when one is preloaded (scripts/setup.sh preloads tcmalloc: docs/benchmarks.md, "The allocator"), else
+    "system"; "unknown" where /proc is not there to ask."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "system"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -48,3 +51,21 @@ def test_kernels_are_leaves():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] == "nemotron_jax" for n in names), f"{f.name} imports {names}"
+
+
+def _allocator_of_child(env) -> str:
+    code = "from nemotron_jax.platform import host_allocator; print(host_allocator())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip()
+
+
+def test_host_allocator_names_the_preloaded_one():
+    """A child without LD_PRELOAD is on the system's malloc; with scripts/setup.sh's tcmalloc preloaded (as
+    scripts/test.sh runs the suite) it and this process are on tcmalloc."""
+    bare = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    assert _allocator_of_child(bare) == "system"
+    lib = ROOT / ".venv" / "lib" / "tcmalloc" / "libtcmalloc_minimal.so.4"
+    assert lib.exists(), "scripts/setup.sh fetches tcmalloc into .venv/lib/tcmalloc"
+    assert _allocator_of_child(dict(bare, LD_PRELOAD=str(lib))) == "tcmalloc"
+    expected = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    assert platform.host_allocator() == expected

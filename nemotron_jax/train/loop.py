@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nemotron_jax.data import make_dataset, unigram_baseline
 from nemotron_jax.inference.detokenize import safe_decode
 from nemotron_jax.inference.engine import generate
+from nemotron_jax.platform import host_allocator, on_cpu
 from nemotron_jax.quant.diagnostics import weight_ftz_fraction
 from nemotron_jax.train.metrics import METRIC_FIELDS, EventLog, MetricsLog, plot_losses
 from nemotron_jax.train.run_setup import check_config, setup_run
@@ -78,7 +79,8 @@ def train(exp, workdir: str | os.PathLike, *, progress: bool = True) -> dict[str
     baseline = unigram_baseline("validation", tokenizer, exp.data.source,
                                 validation_fraction=exp.data.validation_fraction)
     print(f"model {exp.model.preset} ({cfg.precision}), mesh {dict(mesh.shape)}, {exp.steps} steps of "
-          f"{exp.data.batch_size}x{exp.data.seq_len} tokens; unigram baseline {baseline:.4f} nats/token", flush=True)
+          f"{exp.data.batch_size}x{exp.data.seq_len} tokens; unigram baseline {baseline:.4f} nats/token"
+          + (f"; host malloc {host_allocator()}" if on_cpu() else ""), flush=True)
 
     bar = None
     if progress and primary:

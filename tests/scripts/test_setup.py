@@ -50,3 +50,65 @@ def test_finder_accepts_this_interpreter(tmp_path):
     r = subprocess.run(["bash", "-c", script], cwd=d, env=dict(os.environ, PYTHON=sys.executable),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == sys.executable
+
+
+# -- the allocator part: a scratch copy with a stand-in venv (its stamp matches, so no venv is built)
+
+def _tcmalloc_in_this_process() -> str | None:
+    """The tcmalloc library the running suite has preloaded (scripts/test.sh goes through setup.sh), if any."""
+    for line in pathlib.Path("/proc/self/maps").read_text().splitlines():
+        path = line.split()[-1]
+        if "libtcmalloc" in path:
+            return path
+    return None
+
+
+def _fake_venv(d, lib_bytes: bytes | None = None):
+    venv = d / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    stamp = subprocess.run(["bash", "-c", "cat pyproject.toml | sha256sum | cut -d' ' -f1"], cwd=d,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    (venv / ".nemotron-stamp").write_text(stamp + "\n")
+    lib = venv / "lib" / "tcmalloc"
+    lib.mkdir(parents=True)
+    (lib / ".tried").touch()  # never fetch from apt in a test
+    if lib_bytes is not None:
+        (lib / "libtcmalloc_minimal.so.4").write_bytes(lib_bytes)
+    return venv
+
+
+def _env_after_setup(d, **env):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LD_PRELOAD", "TCMALLOC_", "NEMOTRON_JAX_"))}
+    script = 'source scripts/setup.sh && echo "LD_PRELOAD=${LD_PRELOAD:-}" && env | grep "^TCMALLOC_" || true'
+    return subprocess.run(["bash", "-c", script], cwd=d, env=dict(base, **env), capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_setup_refuses_an_unknown_malloc_choice(tmp_path):
+    d = _scratch(tmp_path)
+    _fake_venv(d)
+    r = _env_after_setup(d, NEMOTRON_JAX_MALLOC="jemalloc")
+    assert r.returncode == 1
+    assert "NEMOTRON_JAX_MALLOC=jemalloc: use tcmalloc (the default) or system" in r.stderr
+
+
+def test_setup_never_preloads_a_library_that_does_not_load(tmp_path):
+    d = _scratch(tmp_path)
+    venv = _fake_venv(d, lib_bytes=b"not an ELF file")
+    r = _env_after_setup(d)
+    assert r.returncode == 0, r.stderr
+    assert str(venv / "lib" / "tcmalloc") not in r.stdout
+
+
+def test_setup_preloads_tcmalloc_unless_told_system(tmp_path):
+    lib = _tcmalloc_in_this_process() or ROOT / ".venv" / "lib" / "tcmalloc" / "libtcmalloc_minimal.so.4"
+    assert pathlib.Path(lib).exists(), "scripts/setup.sh fetches tcmalloc into .venv/lib/tcmalloc"
+    d = _scratch(tmp_path)
+    venv = _fake_venv(d, lib_bytes=pathlib.Path(lib).read_bytes())
+    ours = venv / "lib" / "tcmalloc" / "libtcmalloc_minimal.so.4"
+    r = _env_after_setup(d)
+    assert r.returncode == 0, r.stderr
+    assert f"LD_PRELOAD={ours}\n" in r.stdout and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=" in r.stdout
+    r = _env_after_setup(d, NEMOTRON_JAX_MALLOC="system")
+    assert r.returncode == 0 and "LD_PRELOAD=\n" in r.stdout
