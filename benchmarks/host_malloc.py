@@ -120,7 +120,8 @@ def main(argv=None) -> None:
         for name in ("system", "tcmalloc"):
             rows = rep["rows"][name]
             sp = f"{rep['speedup_median']:.2f}x" if name == "tcmalloc" else ""
-            print(f"| {p} ({rep['variant']}) | {name} | {med(rows, 'step_s') * 1e3:,.1f} | {med(rows, 'compile_s'):.1f} "
+            print(f"| {p} ({rep['variant']}) | {name} | {med(rows, 'step_s') * 1e3:,.1f} "
+                  f"| {med(rows, 'compile_s'):.1f} "
                   f"| {med(rows, 'user_s_per_step') * 1e3:,.1f} | {med(rows, 'sys_s_per_step') * 1e3:,.1f} "
                   f"| {med(rows, 'minflt_per_step'):,.0f} | {med(rows, 'max_rss_mb'):,.0f} | {sp} |")
     print(f"\nJSON: {path}")
