@@ -49,8 +49,9 @@ export PATH="$VENV/bin:$PATH"
 # tcmalloc under the CPU runtime (docs/benchmarks.md, "The host allocator on CPU"): XLA mallocs every call's
 # scratch buffer (97 MB for the tiny train step, 2 GB for the bench step) and glibc serves blocks that large with a
 # fresh mmap, which the step then faults in page by page (a third of the tiny step's CPU time is the kernel's);
-# tcmalloc keeps the freed memory for the next call. Best effort: the system's library, else the Debian package unpacked into
-# .venv/lib/tcmalloc (once); without either everything runs on glibc's malloc. NEMOTRON_JAX_MALLOC=system opts out.
+# tcmalloc keeps the freed memory for the next call. Best effort: the system's library, else the Debian package
+# unpacked into .venv/lib/tcmalloc (once); without either everything runs on glibc's malloc.
+# NEMOTRON_JAX_MALLOC=system opts out.
 _tcmalloc_ok() { [ -e "$1" ] && [ -z "$(LD_PRELOAD="$1" "$VENV/bin/python" -c pass 2>&1)" ]; }
 _find_tcmalloc() {
   local p
