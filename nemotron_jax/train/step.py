@@ -70,17 +70,18 @@ def make_train_step(cfg: ModelConfig, graphdef: nnx.GraphDef, optimizer: optax.G
         # non-finite (and so does a finite norm that overflows fp32, which clipping could not rescue either).
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        norm_arg = {"global_norm": grad_norm} if isinstance(optimizer, optax.GradientTransformationExtraArgs) else {}
 
         def apply(grads, st: TrainState) -> TrainState:
-            updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+            updates, opt_state = optimizer.update(grads, st.opt_state, st.params, **norm_arg)
             params = optax.apply_updates(st.params, updates)
             rest = M.updated_router_biases(graphdef, params, st.rest, counts) if counts else st.rest
             return TrainState(st.step + 1, params, rest, opt_state, st.rng)
 
         # skip: a cond, not a select of every leaf: the skipped branch returns the old state as it was, and the
         # applied one writes the update without a second pass over parameters and moments (bench model fp32 step
-        # 3% faster than the select, docs/benchmarks.md). The clipping inside recomputes the global norm (XLA
-        # does not share it across the cond boundary): one extra read of the gradients, much less than the select.
+        # 3% faster than the select, docs/benchmarks.md). The clipping inside (optim.clip_by_global_norm) takes
+        # the norm as an operand: XLA would not share its own recomputation across the cond boundary.
         old = jax.tree.unflatten(jax.tree.structure(state), old_leaves)
         new = jax.lax.cond(finite, apply, lambda grads, st: st, grads, old)
         metrics = dict(metrics)

@@ -9,7 +9,7 @@ from nemotron_jax import model as M
 from nemotron_jax.config import ModelConfig
 from nemotron_jax.layers.moe import moe_layers
 from nemotron_jax.losses import total_loss
-from nemotron_jax.train.optim import decays, make_optimizer, weight_decay_mask, wsd_schedule
+from nemotron_jax.train.optim import clip_by_global_norm, decays, make_optimizer, weight_decay_mask, wsd_schedule
 from nemotron_jax.train.step import init_train_state, make_train_step
 
 
@@ -58,6 +58,33 @@ def test_decay_follows_the_parameter_role_not_its_name():
     mask = weight_decay_mask(nnx.state(Renamed(), nnx.Param))
     assert jax.tree.leaves(mask) == [True, False]
     assert decays(nnx.Param(jnp.ones(1))) and not decays(nnx.Param(jnp.ones(1), decay=False))
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])  # global norm below and above max_norm
+def test_clip_matches_optax(scale):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    grads = {"w": scale * jax.random.normal(k1, (8, 5)), "b": scale * jax.random.normal(k2, (5,))}
+    want = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]
+    clip = clip_by_global_norm(1.0)
+    assert clip.init(grads) == optax.clip_by_global_norm(1.0).init(grads)  # same state: checkpoints carry over
+    got = clip.update(grads, clip.init(grads))[0]
+    given = clip.update(grads, clip.init(grads), global_norm=optax.tree.norm(grads))[0]
+    for g, gv, w in zip(jax.tree.leaves(got), jax.tree.leaves(given), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-6)  # t * (1 / n) vs optax's (t / n) * 1: last-bit rounding
+        np.testing.assert_array_equal(gv, g)
+    # a norm passed in is the norm used (the train step hands its own over): half of it scales by 2 / true norm
+    half = clip.update(grads, clip.init(grads), global_norm=optax.tree.norm(grads) / 2)[0]
+    expect = min(1.0, 2.0 / float(optax.tree.norm(grads)))
+    np.testing.assert_allclose(half["w"], grads["w"] * expect, rtol=1e-6)
+
+
+def test_step_takes_any_optax_optimizer():
+    # a plain GradientTransformation (no extra arguments) gets no global_norm: the step calls it as optax would
+    cfg = ModelConfig.tiny(hybrid_override_pattern="M*")
+    opt = optax.GradientTransformation(optax.sgd(1e-2).init, lambda u, s, p=None: optax.sgd(1e-2).update(u, s, p))
+    graphdef, state = init_train_state(M.init_model(cfg), opt, seed=0)
+    new_state, metrics = jax.jit(make_train_step(cfg, graphdef, opt, lambda s: 1e-2))(state, _batch(cfg))
+    assert int(new_state.step) == 1 and int(metrics["skipped"]) == 0
 
 
 def test_one_step_equals_hand_assembled_update():
