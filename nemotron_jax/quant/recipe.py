@@ -204,10 +204,12 @@ def _grouped_dot(x_mk, w_gkn, group_sizes):
 
 
 def _grouped_wgrad(x_mk, dy_mn, group_sizes):
-    """dW [G, K, N] = per group, X_g^T dY_g in fp32 (tiled on CPU, ragged_dot_general elsewhere)."""
-    (m, k), n, g = x_mk.shape, dy_mn.shape[1], group_sizes.shape[0]
-    if platform.on_cpu() and grouped_gemm.blocked_fits(m, g, k, n, 4):
-        return grouped_gemm.blocked_group_outer(x_mk, dy_mn, group_sizes, g, preferred_element_type=_F32)
+    """dW [G, K, N] = per group, X_g^T dY_g in fp32 (`grouped_gemm.cpu_group_outer` on CPU, ragged_dot_general
+    elsewhere)."""
+    g = group_sizes.shape[0]
+    if platform.on_cpu() and (dw := grouped_gemm.cpu_group_outer(x_mk, dy_mn, group_sizes, g,
+                                                                 preferred_element_type=_F32)) is not None:
+        return dw
     dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
     return jax.lax.ragged_dot_general(x_mk, dy_mn, group_sizes, dn, preferred_element_type=_F32)

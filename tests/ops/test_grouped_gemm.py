@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from nemotron_jax.ops import grouped_gemm
-from nemotron_jax.ops.grouped_gemm import blocked_fits, blocked_group_outer, blocked_ragged_dot, gathered_ragged_dot
+from nemotron_jax.ops.grouped_gemm import (blocked_fits, blocked_group_outer, blocked_ragged_dot, capacity,
+                                           capacity_group_outer, capacity_ragged_dot, gathered_ragged_dot)
 
 
 def _loop(x, w, gs):
@@ -43,6 +44,43 @@ def test_matches_loop_and_ragged_dot_forward_and_grads(sizes, block, min_block):
     gr = f(lambda a, b: jax.lax.ragged_dot(a, b, gs))
     for a, b in zip(gb, gr):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes, cap, block, min_block", [
+    ([9, 7, 8, 8], 8, 8, 2),          # around the window: one row over (tiles), one under (a row of the next)
+    ([5, 0, 17, 3, 40, 1], 12, 8, 2),  # empty group, windows running into later groups, long overflow
+    ([3, 4, 0, 2], 4, 16, 16),        # rows past the groups (m = 12 > 9): the last windows clamped inside m
+    ([0, 0, 30], 8, 4, 4),            # everything in the last group: two clamped windows, overflow of 22
+    ([30, 0, 0], 8, 4, 4),            # everything in the first group
+    ([0, 0, 0], 4, 16, 16),           # no rows routed: all zeros
+    ([16, 16], 16, 16, 16),           # exact windows, no overflow
+])
+def test_capacity_matches_loop_and_ragged_dot_forward_and_grads(sizes, cap, block, min_block):
+    m = max(sum(sizes), 12)
+    gs = jnp.asarray(sizes, jnp.int32)
+    kx, kw = jax.random.split(jax.random.key(7))
+    x = jax.random.normal(kx, (m, 24))
+    w = jax.random.normal(kw, (len(sizes), 24, 20))
+    run = lambda a, b: capacity_ragged_dot(a, b, gs, cap=cap, block=block, min_block=min_block)  # noqa: E731
+    y = jax.jit(run)(x, w)
+    # the same fp32 dots of 24 terms as the tiled test above, the same allowance
+    np.testing.assert_allclose(y, _loop(x, w, gs), rtol=1e-5, atol=1e-5)
+    f = lambda fn: jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(fn(a, b))), (0, 1)))(x, w)  # noqa: E731
+    for a, b in zip(f(run), f(lambda a, b: jax.lax.ragged_dot(a, b, gs))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # the weight gradient alone (the NVFP4 recipe's CPU path): rows past the groups belong to no group
+    yv = jax.random.normal(jax.random.key(8), (m, 20))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    xs, ys = np.asarray(x, np.float64), np.asarray(yv, np.float64)
+    want = np.stack([xs[a:b].T @ ys[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    np.testing.assert_allclose(capacity_group_outer(x, yv, gs, len(sizes), cap=cap, block=block,
+                                                    min_block=min_block), want, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_window_size():
+    assert capacity(8192, 16) == 512       # the bench MoE: the mean group size
+    assert capacity(1000, 16) == 64        # mean 62.5 rounded up to a multiple of 16
+    assert capacity(40, 2) == 32 and capacity(20, 1) == 20   # never more than m
 
 
 def test_jit_and_bf16():
@@ -98,15 +136,21 @@ def test_gathered_matches_loop_and_ragged_dot_forward_and_grads(sizes, m):
 
 
 def test_cpu_dispatch_by_row_count(monkeypatch):
-    """A handful of rows takes the gathered path, more rows the tiles; both agree with ragged_dot."""
+    """A handful of rows takes the gathered path, more rows the tiles, from CAPACITY_MIN_MEAN rows per group
+    the capacity windows; all agree with ragged_dot."""
     calls = []
-    for name in ("gathered_ragged_dot", "blocked_ragged_dot"):
+    names = ("gathered_ragged_dot", "blocked_ragged_dot", "capacity_ragged_dot", "blocked_group_outer",
+             "capacity_group_outer")
+    for name in names:
         fn = getattr(grouped_gemm, name)
         monkeypatch.setattr(grouped_gemm, name, lambda *a, _f=fn, _n=name, **k: calls.append(_n) or _f(*a, **k))
     w = jax.random.normal(jax.random.key(6), (4, 16, 8))
-    for m in (grouped_gemm.SMALL_ROWS, grouped_gemm.SMALL_ROWS + 1):
+    for m in (grouped_gemm.SMALL_ROWS, grouped_gemm.SMALL_ROWS + 1, 4 * grouped_gemm.CAPACITY_MIN_MEAN):
         gs = jnp.asarray([m // 2, 0, m - m // 2, 0], jnp.int32)
         x = jax.random.normal(jax.random.key(m), (m, 16))
         np.testing.assert_allclose(grouped_gemm.cpu_ragged_dot(x, w, gs), jax.lax.ragged_dot(x, w, gs),
                                    rtol=1e-5, atol=1e-5)
-    assert calls == ["gathered_ragged_dot", "blocked_ragged_dot"]
+        if m > grouped_gemm.SMALL_ROWS:
+            grouped_gemm.cpu_group_outer(x, x[:, :8], gs, 4)
+    assert calls == ["gathered_ragged_dot", "blocked_ragged_dot", "blocked_group_outer", "capacity_ragged_dot",
+                     "capacity_group_outer"]
