@@ -305,9 +305,11 @@ def gathered_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Arra
 
 def cpu_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array, *,
                    preferred_element_type=None) -> jax.Array | None:
-    """The CPU grouped GEMM for (m rows, g groups): gathered weights for a handful of rows, the tile loop
-    otherwise; None where neither fits memory (the caller falls back to ragged_dot). One place for the
-    choice, shared by the MoE dispatch and the NVFP4 recipe's expert GEMMs."""
+    """The CPU grouped GEMM for (m rows, g groups): gathered weights for a handful of rows, the capacity
+    windows from CAPACITY_MIN_MEAN rows per group on average (their gathered copies of the rows and outputs are
+    about the size of x and y), the tile loop in between; None where the tiles do not fit memory (the caller
+    falls back to ragged_dot). One place for the choice, shared by the MoE dispatch and the NVFP4 recipe's
+    expert GEMMs."""
     (m, k), (g, _, n) = x_mk.shape, w_gkn.shape
     if m <= SMALL_ROWS:
         return gathered_ragged_dot(x_mk, w_gkn, group_sizes, preferred_element_type=preferred_element_type)

@@ -40,7 +40,7 @@ def default_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array
 
     CPU: `grouped_gemm.cpu_ragged_dot`: each row's expert weight gathered for decode-size row counts; from 64
     rows per expert on average `capacity_ragged_dot` (one batched GEMM over a mean-sized window of rows per
-    expert, tiles for the rows past it; ~1.3x a dense GEMM of the same FLOPs fwd+bwd on the bench MoE in fp32),
+    expert, tiles for the rows past it; 1.15-1.2x a dense GEMM of the same FLOPs fwd+bwd on the bench MoE in fp32),
     below that the tiled `blocked_ragged_dot` (ragged_dot's CPU lowering is ~20x); else tokamax's XLA path.
     GPU/TPU: `tokamax.ragged_dot` (Mosaic kernel on Hopper). Same signature as the NVFP4 replacement a
     precision policy may install on `RoutedExperts.ragged_dot`.
