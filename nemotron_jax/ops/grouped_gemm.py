@@ -195,6 +195,11 @@ def blocked_group_outer(x_mk: jax.Array, y_mn: jax.Array, group_sizes: jax.Array
 CAPACITY_MIN_MEAN = 64  # rows per group on average from which the capacity path is taken
 
 
+def _takes_capacity(m: int, g: int) -> bool:
+    """Whether m rows in g groups go through the capacity windows (else the tiles alone)."""
+    return m >= CAPACITY_MIN_MEAN * g
+
+
 def capacity(m: int, g: int) -> int:
     """Window rows per group: the mean group size rounded up to a multiple of 16, at most m."""
     mean = -(-m // max(g, 1))
@@ -314,7 +319,7 @@ def cpu_ragged_dot(x_mk: jax.Array, w_gkn: jax.Array, group_sizes: jax.Array, *,
     if m <= SMALL_ROWS:
         return gathered_ragged_dot(x_mk, w_gkn, group_sizes, preferred_element_type=preferred_element_type)
     if blocked_fits(m, g, k, n, jnp.dtype(w_gkn.dtype).itemsize):
-        fn = capacity_ragged_dot if m >= CAPACITY_MIN_MEAN * g else blocked_ragged_dot
+        fn = capacity_ragged_dot if _takes_capacity(m, g) else blocked_ragged_dot
         return fn(x_mk, w_gkn, group_sizes, preferred_element_type=preferred_element_type)
     return None
 
@@ -326,7 +331,7 @@ def cpu_group_outer(x_mk: jax.Array, y_mn: jax.Array, group_sizes: jax.Array, nu
     (m, k), n = x_mk.shape, y_mn.shape[1]
     if not blocked_fits(m, num_groups, k, n, 4):
         return None
-    fn = capacity_group_outer if m >= CAPACITY_MIN_MEAN * num_groups else blocked_group_outer
+    fn = capacity_group_outer if _takes_capacity(m, num_groups) else blocked_group_outer
     return fn(x_mk, y_mn, group_sizes, num_groups, preferred_element_type=preferred_element_type)
 
 
