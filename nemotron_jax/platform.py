@@ -34,8 +34,8 @@ def interpret_default() -> bool:
 
 
 def host_allocator() -> str:
-    """The C allocator serving this process's host memory (XLA's CPU buffers among it): "tcmalloc" or "jemalloc"
-    when one is preloaded (scripts/setup.sh preloads tcmalloc: docs/benchmarks.md, "The host allocator on CPU"),
+    """The C allocator serving this process's host memory (XLA's CPU buffers among it): "tcmalloc", "jemalloc" or
+    "mimalloc" when one is preloaded (scripts/setup.sh preloads tcmalloc: docs/benchmarks.md, "The host allocator on CPU"),
     else "system"; "unknown" where /proc is not there to ask."""
     try:
         with open("/proc/self/maps") as f:
