@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemotron_jax.ops import matmul
 from nemotron_jax.quant import packed
 
 # Sharding is decided later from these names (nemotron_jax.sharding); creating a param never shards eagerly.
@@ -104,9 +105,7 @@ class Linear(nnx.Module):
             key = self.quant_key.get_value() if self.quant_key is not None else None
             y = self.gemm(x, w, key)
         else:
-            # One 2-D GEMM over all tokens: XLA's CPU backward of a batched "...i,io" contraction is slow in
-            # bf16 (in_proj fwd+bwd 210 ms vs 31 ms flattened on the bench config, issue 14).
-            y = jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+            y = matmul.dense(x, w)  # one flattened GEMM; bf16 operands widened where that is faster
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -18,8 +18,8 @@ packed GEMMs refuse a backward pass (`PackedWeightError`): a packed model is for
 
 The GEMM (`dequant_matmul`): y[..., n] = sum_k x[..., k] W[n, k], contracted on K against the [N, K] layout.
 "reference" dequantizes the whole matrix in jnp inside jit (fp32 values, cast to the compute dtype, written
-straight into the [K, N] operand in one elementwise pass, `dequantize_kn`) and runs the same flattened
-`jnp.dot` as the BF16 `Linear`, so the logits equal the dequantize-at-load model's exactly; the full
+straight into the [K, N] operand in one elementwise pass, `dequantize_kn`) and runs the same GEMM as the
+BF16 `Linear` (`ops.matmul.dense`), so the logits equal the dequantize-at-load model's exactly; the full
 compute-dtype matrix exists only as a temporary of that GEMM. "pallas" is
 pallas_kernels/nvfp4_matmul.py (tiles of codes and scales dequantized in registers, fp32 accumulation;
 agrees with the reference within the accumulation-order bound stated there). The dispatch follows
@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from nemotron_jax import platform
+from nemotron_jax.ops import matmul
 from pallas_kernels import nvfp4_matmul as kernel
 
 GROUP = 16
@@ -181,15 +182,14 @@ def inference_only(y: jax.Array) -> jax.Array:
 
 
 def dequant_matmul_reference(x: jax.Array, p: PackedNVFP4, dtype=None) -> jax.Array:
-    """y [..., N] = x [..., K] @ dequantize(p).T in `dtype` (default x's): the flattened 2-D jnp.dot the BF16
-    Linear runs, with the weight dequantized in fp32 and cast to `dtype` first."""
+    """y [..., N] = x [..., K] @ dequantize(p).T in `dtype` (default x's): the BF16 Linear's GEMM
+    (`ops.matmul.dense`), with the weight dequantized in fp32 and cast to `dtype` first."""
     dtype = x.dtype if dtype is None else jnp.dtype(dtype)
     n, k = p.shape[-2:]
     if x.shape[-1] != k:
         raise ValueError(f"dequant_matmul: x has {x.shape[-1]} inputs, the packed weight [{n}, {k}] needs {k}")
     w_kn = dequantize_kn(p, jnp.float32).astype(dtype)  # [K, N], as the Linear's kernel
-    x2 = x.astype(dtype).reshape(-1, k)
-    return jnp.dot(x2, w_kn).reshape(*x.shape[:-1], n)
+    return matmul.dense(x.astype(dtype), w_kn)
 
 
 # ----------------------------------------------------------------------------- dispatch

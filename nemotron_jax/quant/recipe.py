@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax import platform
-from nemotron_jax.ops import grouped_gemm
+from nemotron_jax.ops import grouped_gemm, matmul
 from nemotron_jax.quant import dispatch, mxfp8
 
 _F32 = jnp.float32
@@ -93,8 +93,9 @@ def _pad_rows(a, mult):
 
 
 def _mm(a, b, contract):
-    """fp32-accumulated GEMM; contract = ((a_dims), (b_dims))."""
-    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=_F32)
+    """fp32-accumulated GEMM; contract = ((a_dims), (b_dims)). bf16 operands widened where that is faster
+    (`ops.matmul`: the same products, summed in fp32 either way)."""
+    return jax.lax.dot_general(*matmul.operands(a, b, contract), (contract, ((), ())), preferred_element_type=_F32)
 
 
 def _weight_fprop(w, recipe):

@@ -87,15 +87,14 @@ def test_reference_is_the_bf16_linears_gemm_bit_for_bit(lead, n, k, dtype):
     w_kn = jnp.asarray(mo.nvfp4_dequantize(p.codes, p.scales, p.scale_2).T)  # the dequantize-at-load kernel
     x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
 
-    def linear(x, w):  # Linear.__call__'s plain path
-        w = w.astype(dtype)
-        return jnp.dot(x.reshape(-1, k), w).reshape(*x.shape[:-1], n)
+    lin = Linear(k, n, axes=("embed", "mlp"), rngs=nnx.Rngs(0), dtype=dtype)
+    lin.kernel[...] = w_kn  # the plain Linear on the dequantize-at-load weight
 
-    want = jax.jit(linear)(x, w_kn)
+    want = jax.jit(lambda x: lin(x))(x)
     got = jax.jit(P.dequant_matmul)(x, p)
     assert got.dtype == dtype and got.shape == (*lead, n)
     np.testing.assert_array_equal(bits(got), bits(want))
-    np.testing.assert_array_equal(bits(P.dequant_matmul(x, p)), bits(linear(x, w_kn)))  # eager too
+    np.testing.assert_array_equal(bits(P.dequant_matmul(x, p)), bits(lin(x)))  # eager too
 
 
 def _linear_pair(dtype, n=96, k=128, bias=False):
