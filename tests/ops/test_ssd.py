@@ -72,6 +72,25 @@ def test_chunked_matches_reference(chunk_size):
     assert_close(S, S_ref, TOL, "final state")
 
 
+def test_chunked_on_cpu_computes_in_chunks_of_at_most_cpu_chunk(monkeypatch):
+    """The chunk is the algorithm's block size, not the model's: on CPU chunk_size=128 runs as CPU_CHUNK-token
+    chunks (bit for bit the chunked op at that chunk), smaller sizes as asked; elsewhere as asked."""
+    x, dt, A, B, C, S0 = make_inputs(t=150)
+
+    def run(cs):
+        return np.asarray(ssd(x, dt, A, B, C, chunk_size=cs, initial_state=S0, impl="chunked"))
+
+    def direct(cs):
+        return np.asarray(ssd_mod.ssd_chunked(x, dt, A, B, C, cs, S0)[0])
+
+    assert ssd_mod.CPU_CHUNK == 64
+    assert np.any(direct(64) != direct(128))  # the chunks' rounding tells them apart
+    np.testing.assert_array_equal(run(128), direct(64))
+    np.testing.assert_array_equal(run(16), direct(16))
+    monkeypatch.setattr(platform, "backend", lambda: "gpu")
+    np.testing.assert_array_equal(run(128), direct(128))
+
+
 def test_chunked_without_initial_state_returns_y_only():
     x, dt, A, B, C, _ = make_inputs()
     y = jax.jit(lambda *a: ssd(*a, chunk_size=8))(x, dt, A, B, C)
