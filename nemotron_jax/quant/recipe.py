@@ -175,18 +175,25 @@ def _group_ids(group_sizes, m):
 
 
 def _padded_layout(group_sizes, m):
-    """Scatter index of each row into a layout where every group starts at a multiple of 16, the padded group
-    sizes, and the padded length (static upper bound)."""
+    """For a layout where every group starts at a multiple of 16: the source row of each of its rows (-1 for
+    padding), the padded group sizes, and the padded length (static upper bound). A gather from the rows, not a
+    scatter into the layout: XLA's CPU scatter is a serial loop."""
     g = group_sizes.shape[0]
     mp = -(-(m + 15 * g) // 16) * 16
-    gid = _group_ids(group_sizes, m)
-    starts = jnp.cumsum(group_sizes) - group_sizes
-    psizes = (group_sizes + 15) // 16 * 16
-    pstarts = jnp.cumsum(psizes) - psizes
-    r = jnp.arange(m)
-    dest = pstarts[gid] + r - starts[gid]
-    dest = jnp.where(r < jnp.sum(group_sizes), dest, mp)  # rows past the groups: dropped
-    return dest, psizes.astype(group_sizes.dtype), mp
+    gs = group_sizes.astype(jnp.int32)
+    starts = jnp.cumsum(gs) - gs
+    psizes = (gs + 15) // 16 * 16
+    pends = jnp.cumsum(psizes)
+    p = jnp.arange(mp)
+    j = jnp.minimum(jnp.searchsorted(pends, p, side="right"), g - 1)  # the padded group of row p
+    off = p - (pends[j] - psizes[j])
+    src = jnp.where((off < gs[j]) & (p < pends[-1]), starts[j] + off, -1)
+    return src, psizes.astype(group_sizes.dtype), mp
+
+
+def _pad_groups(a, src):
+    """a's rows in the padded layout of `_padded_layout` (zeros where src is -1)."""
+    return jnp.where((src >= 0)[:, None], jnp.take(a, jnp.maximum(src, 0), axis=0), jnp.zeros((), a.dtype))
 
 
 def _per_expert(fn, w):
@@ -242,9 +249,8 @@ def _ragged_bwd(recipe, res, dy):
     dx = dx * (sdy * sw[gid])[:, None]
     # Wgrad: dW_g = X_g^T . dY_g, each group zero-padded to a multiple of 16 tokens so no 16-block (or RHT
     # chunk) straddles two experts; one tensor scale per token-side tensor (amax over all its rows).
-    dest, psizes, mp = _padded_layout(group_sizes, m)
-    xp = jnp.zeros((mp, x.shape[1]), x.dtype).at[dest].set(x, mode="drop")
-    dyp = jnp.zeros((mp, dy.shape[1]), dy.dtype).at[dest].set(dy, mode="drop")
+    src, psizes, _ = _padded_layout(group_sizes, m)
+    xp, dyp = _pad_groups(x, src), _pad_groups(dy, src)
     xtv, sxt = _q(xp, recipe, hadamard=recipe.rht, axis=0)
     dytv, sdyt = _q(dyp, recipe, sr=True, key=kw, hadamard=recipe.rht, axis=0)
     dw = _grouped_wgrad(xtv, dytv, psizes) * (sxt * sdyt)
