@@ -6,7 +6,7 @@ without AMX tiles XLA's bf16 GEMM is the slower one for training-size GEMMs (thi
 GEMM 217-274 GFLOP/s against 300-350 in fp32), and the upcast copies pay for themselves: bf16 forward +
 backward of one Linear 0.83-0.96x the time from 256 rows up (bench in_proj 0.88x, a Nano-size 2688 -> 4096
 0.92x), the bench model's bf16 forward + backward 4-9% faster (benchmarks/matmul.py, docs/benchmarks.md).
-Below 256 rows (decode) the upcast of the weight costs more than it saves (8 rows 1.5-2.4x), and the batched
+Below 256 rows (decode) the upcast of the weight costs more than it saves (8 rows 1.4-2.4x), and the batched
 expert and attention GEMMs measured no faster (1.03-1.04x), so those stay 16-bit. With AMX the bf16 GEMM is
 several times the fp32 one, so nothing is widened there; GPUs and TPUs are never touched. Callers cast the
 result to the dtype the 16-bit GEMM would have returned.
