@@ -63,10 +63,9 @@ def main() -> None:
     for m, k, n in shapes:
         for kind in ("fwd", "fwdbwd"):
             b, w = times[(m, k, n, kind, "bf16")], times[(m, k, n, kind, "widened")]
-            widened = min(m, k, n) >= matmul.MIN_DIM
             ratio = statistics.median(x / y for x, y in zip(w, b))
             print(f"| {m} x {k} x {n} | {kind} | {statistics.median(b) * 1e3:.2f} | "
-                  f"{statistics.median(w) * 1e3:.2f} | {ratio:.3f} | {'yes' if widened else 'no'} |")
+                  f"{statistics.median(w) * 1e3:.2f} | {ratio:.3f} | {'yes' if matmul.pays(m, k, n) else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,11 @@ def widens() -> bool:
     return platform.on_cpu() and not _host_has_amx()
 
 
+def pays(m: int, k: int, n: int) -> bool:
+    """Whether an [m, k] x [k, n] GEMM is large enough for the widening to pay (every side at least MIN_DIM)."""
+    return min(m, k, n) >= MIN_DIM
+
+
 def operands(a: jax.Array, b: jax.Array, contract: tuple[Sequence[int], Sequence[int]]) -> tuple[jax.Array, jax.Array]:
     """(a, b) as the GEMM contracting a's dims contract[0] with b's contract[1] (no batch dims) should take
     them: both as fp32 where `widens()`, one of them is 16-bit, neither is narrower (fp8 keeps its own GEMM)
@@ -50,7 +55,7 @@ def operands(a: jax.Array, b: jax.Array, contract: tuple[Sequence[int], Sequence
     if not widens() or not dts & set(_NARROW) or not dts <= {*_NARROW, jnp.dtype(jnp.float32)}:
         return a, b
     k = math.prod(a.shape[i] for i in contract[0])
-    if min(k, a.size // max(k, 1), b.size // max(k, 1)) < MIN_DIM:
+    if not pays(a.size // max(k, 1), k, b.size // max(k, 1)):
         return a, b
     return a.astype(jnp.float32), b.astype(jnp.float32)
 

@@ -175,9 +175,9 @@ def _group_ids(group_sizes, m):
 
 
 def _padded_layout(group_sizes, m):
-    """For a layout where every group starts at a multiple of 16: the source row of each of its rows (-1 for
-    padding), the padded group sizes, and the padded length (static upper bound). A gather from the rows, not a
-    scatter into the layout: XLA's CPU scatter is a serial loop."""
+    """For a layout where every group starts at a multiple of 16 (its length a static upper bound): the source
+    row of each of its rows (-1 for padding) and the padded group sizes. A gather from the rows, not a scatter
+    into the layout: XLA's CPU scatter is a serial loop."""
     g = group_sizes.shape[0]
     mp = -(-(m + 15 * g) // 16) * 16
     gs = group_sizes.astype(jnp.int32)
@@ -188,7 +188,7 @@ def _padded_layout(group_sizes, m):
     j = jnp.minimum(jnp.searchsorted(pends, p, side="right"), g - 1)  # the padded group of row p
     off = p - (pends[j] - psizes[j])
     src = jnp.where((off < gs[j]) & (p < pends[-1]), starts[j] + off, -1)
-    return src, psizes.astype(group_sizes.dtype), mp
+    return src, psizes.astype(group_sizes.dtype)
 
 
 def _pad_groups(a, src):
@@ -249,7 +249,7 @@ def _ragged_bwd(recipe, res, dy):
     dx = dx * (sdy * sw[gid])[:, None]
     # Wgrad: dW_g = X_g^T . dY_g, each group zero-padded to a multiple of 16 tokens so no 16-block (or RHT
     # chunk) straddles two experts; one tensor scale per token-side tensor (amax over all its rows).
-    src, psizes, _ = _padded_layout(group_sizes, m)
+    src, psizes = _padded_layout(group_sizes, m)
     xp, dyp = _pad_groups(x, src), _pad_groups(dy, src)
     xtv, sxt = _q(xp, recipe, hadamard=recipe.rht, axis=0)
     dytv, sdyt = _q(dyp, recipe, sr=True, key=kw, hadamard=recipe.rht, axis=0)
